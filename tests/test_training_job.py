@@ -1,0 +1,183 @@
+"""The loop and the background job: determinism, cancel, errors, NaN guard, grad mode."""
+from __future__ import annotations
+
+import threading
+import traceback
+
+import pytest
+import torch
+
+from trainer.delta import ParameterDelta
+from trainer.job import TrainingJob
+from trainer.loop import CachedExamples, RegularizedTrainer, TrainConfig
+
+from tiny_models import make_problem
+
+
+def _trainer(steps=12, lr=1e-3, seed=2025, checkpoint=False, prior=False, model_fn=None, **kw):
+    model, latents, cond, abar = make_problem()
+    prior_data = CachedExamples(torch.randn(4, 4, 8, 8), torch.randn(1, 5, 12)) if prior else None
+    config = TrainConfig(steps=steps, lr=lr, seed=seed, **kw)
+    blocks = [model.block] if checkpoint else []
+    delta = ParameterDelta(model)
+    trainer = RegularizedTrainer(model_fn or model, delta, abar, CachedExamples(latents, cond), config,
+                                 prior=prior_data, checkpoint=blocks)
+    return model, trainer
+
+
+def _run(trainer):
+    job = TrainingJob(trainer).start()
+    events = []
+    while not job.done:
+        events += job.poll(0.05)
+    events += job.poll()
+    return job.wait(), events
+
+
+def _equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_same_seed_gives_bitwise_identical_deltas_and_one_event_per_step():
+    _, a = _trainer()
+    _, b = _trainer()
+    result, events = _run(a)
+    _run(b)
+    assert result.status == "completed" and result.steps_done == 12
+    assert [e.metrics.step for e in events] == list(range(1, 13))
+    assert _equal(a.delta.state_dict(), b.delta.state_dict())
+    _, c = _trainer(seed=1)
+    _run(c)
+    assert not _equal(a.delta.state_dict(), c.delta.state_dict())
+
+
+def test_metrics_per_step():
+    _, trainer = _trainer(steps=3)
+    _, events = _run(trainer)
+    last = events[-1]
+    assert last.steps_per_s > 0 and last.eta_s == 0
+    m = last.metrics
+    assert m.denoise > 0 and m.lip > 0 and m.delta_norm > 0
+    assert set(m.block_norms) == {"conv_in", "time", "block", "to_q", "to_k", "to_v", "to_out", "conv_out"}
+    assert sum(v**2 for v in m.block_norms.values()) == pytest.approx(m.delta_norm**2, rel=1e-6)
+    assert m.loss == pytest.approx(m.denoise + 500.0 * m.lip)
+
+
+def test_gradient_checkpointing_gives_the_same_delta():
+    _, plain = _trainer(steps=4)
+    _, ckpt = _trainer(steps=4, checkpoint=True)
+    _run(plain)
+    _run(ckpt)
+    for k, v in plain.delta.state_dict().items():
+        torch.testing.assert_close(ckpt.delta.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_prior_preservation_term_is_used():
+    _, plain = _trainer(steps=3, lam=0.0)
+    _, prior = _trainer(steps=3, lam=0.0, prior=True, prior_weight=1.0)
+    _, events = _run(prior)
+    _run(plain)
+    assert events[-1].metrics.prior is not None
+    assert not _equal(plain.delta.state_dict(), prior.delta.state_dict())
+
+
+def test_cancel_stops_within_one_step_and_keeps_a_consistent_partial_delta():
+    gate = threading.Event()
+    model, trainer = _trainer(steps=1000)
+
+    def slow_model(x, t, c):
+        if trainer.step_count == 5:
+            gate.set()
+        return model(x, t, c)
+
+    trainer.model_fn = slow_model
+    job = TrainingJob(trainer).start()
+    assert gate.wait(30)
+    job.cancel()
+    result = job.wait(30)
+    assert result.status == "cancelled"
+    assert result.steps_done in (6, 7)  # the step in flight completes, no further one starts
+    # The partial delta is exactly the uninterrupted run's delta at that step count.
+    _, reference = _trainer(steps=result.steps_done)
+    _run(reference)
+    assert _equal(trainer.delta.state_dict(), reference.delta.state_dict())
+    assert not any(t.name == "lipschitz-train" and t.is_alive() for t in threading.enumerate())
+
+
+def test_worker_exception_is_reraised_in_the_caller_with_its_traceback():
+    model, trainer = _trainer(steps=10)
+
+    def broken(x, t, c):
+        if trainer.step_count == 3:
+            raise RuntimeError("boom in the forward")
+        return model(x, t, c)
+
+    trainer.model_fn = broken
+    job = TrainingJob(trainer).start()
+    with pytest.raises(RuntimeError, match="boom in the forward") as info:
+        job.wait(30)
+    assert "broken" in "".join(traceback.format_tb(info.value.__traceback__))
+    assert trainer.step_count == 3
+
+
+def test_nan_guard_stops_with_a_message_and_keeps_the_last_good_delta():
+    model, trainer = _trainer(steps=50, lr=1e-2)
+
+    def explode(x, t, c):
+        out = model(x, t, c)
+        return out * float("nan") if trainer.step_count == 4 else out
+
+    trainer.model_fn = explode
+    result, events = _run(trainer)
+    assert result.status == "diverged" and result.steps_done == 4
+    assert "learning rate" in result.message
+    assert all(torch.isfinite(d).all() for d in trainer.delta.tensors())
+    _, reference = _trainer(steps=4, lr=1e-2)
+    _run(reference)
+    assert _equal(trainer.delta.state_dict(), reference.delta.state_dict())
+
+
+def test_absurd_learning_rate_diverges_cleanly():
+    _, trainer = _trainer(steps=200, lr=1e12)
+    result, _ = _run(trainer)
+    assert result.status == "diverged", result
+    assert all(torch.isfinite(d).all() for d in trainer.delta.tensors())
+
+
+def test_job_started_from_inference_mode_trains_and_leaves_caller_mode_alone():
+    _, trainer = _trainer(steps=3)
+    with torch.inference_mode():
+        result, _ = _run(trainer)
+        assert torch.is_inference_mode_enabled()
+    assert result.status == "completed"
+
+
+def test_resume_from_state_is_bitwise_identical():
+    _, full = _trainer(steps=8)
+    _run(full)
+    _, first = _trainer(steps=8)
+    first.config.steps = 3
+    _run(first)
+    state = first.state_dict()
+    _, resumed = _trainer(steps=8)
+    resumed.load_state_dict(state)
+    _run(resumed)
+    assert resumed.step_count == 8
+    assert _equal(full.delta.state_dict(), resumed.delta.state_dict())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate"), (dict(lr=float("nan")), "learning rate"),
+    (dict(lam=-1.0), "lambda"), (dict(lam=float("nan")), "lambda"), (dict(regularizer="l3"), "regularizer"),
+])
+def test_bad_hyperparameters_are_refused_before_training(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(**bad)
+
+
+def test_base_weights_are_never_written():
+    model, trainer = _trainer(steps=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _run(trainer)
+    assert _equal(before, model.state_dict())
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())

@@ -1,0 +1,149 @@
+"""The trainable delta: ``theta = theta0 + delta`` for every trained parameter tensor.
+
+The anchor ``theta0`` is the module's own parameter tensors, referenced and never written:
+it is exact (no rounded copy), the base model other holders share is never mutated, and
+``L_lip`` is a function of the fp32 deltas alone.  :meth:`ParameterDelta.applied` makes the
+module compute with ``theta0 + delta`` lazily, one layer at a time, through forward hooks, so
+no second full copy of the weights is built at once and gradient checkpointing recomputes the
+sums instead of keeping them. Layers must be called through their ``forward`` (as ComfyUI's
+and diffusers' layers are): torch's ``nn.MultiheadAttention`` reads a child's weight directly and
+is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+
+class ParameterDelta:
+    """fp32 deltas for the parameters of ``module`` selected by ``include`` (all by default)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        include: Callable[[str], bool] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        fused = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        if fused:
+            # It reads its out_proj's weight without calling out_proj, so the forward hooks
+            # that add the delta would be bypassed silently.
+            raise TypeError(f"nn.MultiheadAttention is not supported (at {fused[0]!r}): use Linear layers")
+        self.module = module
+        self.base: dict[str, Tensor] = {
+            name: p for name, p in module.named_parameters() if include is None or include(name)
+        }
+        if not self.base:
+            raise ValueError("no parameter selected for training")
+        self.delta: dict[str, Tensor] = {
+            name: torch.zeros(p.shape, dtype=torch.float32, device=device or p.device, requires_grad=True)
+            for name, p in self.base.items()
+        }
+
+    # -- access ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.delta)
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.delta.values())
+
+    def grads(self) -> list[Tensor]:
+        """The deltas' gradients, zeros for a tensor the forward did not reach.
+
+        The paper's summed loss still gives such a tensor the regularizer's gradient, so the
+        closed-form term needs a buffer to add into.
+        """
+        for d in self.delta.values():
+            if d.grad is None:
+                d.grad = torch.zeros_like(d)
+        return [d.grad for d in self.delta.values()]
+
+    def numel(self) -> int:
+        return sum(d.numel() for d in self.delta.values())
+
+    @torch.no_grad()
+    def block_norms(self, norms: Sequence[Tensor]) -> dict[str, float]:
+        """``||delta||`` per top-level child of the module, from per-tensor L2 norms."""
+        sq: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        for name, n in zip(self.delta, norms):
+            block = name.split(".", 1)[0]
+            sq[block] = sq[block] + n.detach().double().cpu().square()
+        return {block: float(v.sqrt()) for block, v in sq.items()}
+
+    # -- persistence ----------------------------------------------------------------------
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, Tensor]:
+        """CPU fp32 copies of the deltas, keyed by parameter name."""
+        return {name: d.detach().to("cpu", copy=True) for name, d in self.delta.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        missing = set(self.delta) - set(state)
+        unexpected = set(state) - set(self.delta)
+        if missing or unexpected:
+            raise KeyError(f"delta keys differ: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        for name, d in self.delta.items():
+            if tuple(state[name].shape) != tuple(d.shape):
+                raise ValueError(f"delta {name}: shape {tuple(state[name].shape)} != {tuple(d.shape)}")
+            d.copy_(state[name])
+
+    # -- injection ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def applied(self, checkpoint: Sequence[nn.Module] = ()) -> Iterator[None]:
+        """Within the block, ``module`` computes with ``theta0 + delta``.
+
+        Each owning sub-module swaps in its summed weights in a forward pre-hook and puts the
+        base tensors back in a forward hook, so a sum lives only while its layer runs (and
+        while autograd needs it).  Modules in ``checkpoint`` run under non-reentrant
+        activation checkpointing; they must own no parameters directly (their children's
+        hooks run again on recomputation).  Everything is restored on exit, also after an
+        exception.
+        """
+        modules = dict(self.module.named_modules())
+        slots: dict[nn.Module, list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
+        for name, d in self.delta.items():
+            owner, _, attr = name.rpartition(".")
+            slots[modules[owner]].append((attr, self.base[name], d))
+
+        def swap_in(mod: nn.Module, _args: object) -> None:
+            for attr, base, d in slots[mod]:
+                mod._parameters[attr] = base + d
+
+        def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
+            for attr, base, _ in slots[mod]:
+                mod._parameters[attr] = base
+
+        for m in checkpoint:
+            if any(True for _ in m.parameters(recurse=False)):
+                raise ValueError(f"cannot checkpoint {type(m).__name__}: it owns parameters directly")
+        handles = []
+        try:
+            for m in slots:
+                handles.append(m.register_forward_pre_hook(swap_in))
+                handles.append(m.register_forward_hook(swap_out))
+            for m in checkpoint:
+                m.forward = _checkpointed(m.forward)
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m in checkpoint:
+                m.__dict__.pop("forward", None)
+            for m, entries in slots.items():
+                for attr, base, _ in entries:
+                    m._parameters[attr] = base
+
+
+def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: object, **kwargs: object) -> Tensor:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
