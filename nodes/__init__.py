@@ -1,0 +1,13 @@
+"""The pack's ComfyUI nodes: thin adapters around :mod:`trainer`."""
+from .delta_nodes import LipschitzApplyDelta, LipschitzSaveDelta
+from .personalize import LipschitzPersonalize
+from .reference_images import LipschitzLoadReferenceImages
+from .report import LipschitzTrainingReport
+
+NODES = [
+    LipschitzLoadReferenceImages,
+    LipschitzPersonalize,
+    LipschitzSaveDelta,
+    LipschitzApplyDelta,
+    LipschitzTrainingReport,
+]

@@ -1,0 +1,138 @@
+"""Turns ComfyUI's MODEL / CLIP / VAE / IMAGE into what :mod:`trainer` needs, and back.
+
+This is the only module that knows both sides: the trainer never imports ComfyUI, and the
+node files only call these functions.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import comfy.model_base
+import comfy.model_management
+import comfy.supported_models
+
+PATCH_PREFIX = "diffusion_model."
+
+
+class NodeInputError(ValueError):
+    """A user-facing error about one node input: what is wrong and how to fix it."""
+
+    def __init__(self, input_name: str, problem: str, fix: str) -> None:
+        super().__init__(f"{input_name}: {problem}. {fix}")
+        self.input_name = input_name
+
+
+# -- the model ---------------------------------------------------------------------------
+def require_sd15(model, input_name: str = "model") -> None:
+    """Refuse anything that is not an SD1.5-family eps-prediction U-Net, before any work."""
+    config = model.model.model_config
+    kind = type(config).__name__
+    if not isinstance(config, comfy.supported_models.SD15):
+        raise NodeInputError(
+            input_name, f"this is a {kind} model, but the Lipschitz fine-tune is defined for Stable Diffusion 1.5",
+            "Load an SD1.5-family checkpoint (e.g. v1-5-pruned-emaonly.safetensors) with CheckpointLoaderSimple")
+    if model.model.model_type != comfy.model_base.ModelType.EPS:
+        raise NodeInputError(
+            input_name, f"this SD1.5 model predicts {model.model.model_type.name}, not eps",
+            "Use an eps-prediction SD1.5 checkpoint (v-prediction and other objectives are not supported)")
+    if config.unet_config.get("in_channels", 4) != 4:
+        raise NodeInputError(
+            input_name, f"this U-Net takes {config.unet_config['in_channels']} input channels (inpainting/instruct model)",
+            "Use a plain text-to-image SD1.5 checkpoint")
+
+
+def alphas_cumprod(model) -> Tensor:
+    """``abar_t`` of the model's own discrete schedule: ``sigma_t^2 = (1 - abar_t) / abar_t``."""
+    sigmas = model.get_model_object("model_sampling").sigmas.detach().double().cpu()
+    return 1.0 / (1.0 + sigmas**2)
+
+
+@torch.no_grad()
+def fingerprint(model) -> str:
+    """A short, stable identity of the base U-Net weights (plus any patches on the MODEL).
+
+    Hashes every tensor's name, shape and a strided sample of about 4096 of its values:
+    seconds-free on a 860M-parameter U-Net, and any real fine-tune or merge changes it.
+    """
+    h = hashlib.sha256()
+    for name, p in model.model.diffusion_model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(f"{name}|{tuple(p.shape)}|".encode())
+        h.update(sample.numpy().tobytes())
+    for key in sorted(model.patches):
+        for patch in model.patches[key]:
+            h.update(f"{key}|{patch[0]}|{patch[2]}|".encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_units(unet: nn.Module) -> list[nn.Module]:
+    """The layers of every U-Net block, each recomputed in backward when checkpointing."""
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    return [layer for block in blocks for layer in block if not any(True for _ in layer.parameters(recurse=False))]
+
+
+@dataclass
+class LoadedUNet:
+    """The U-Net as loaded for training on a clone that carries the compute dtype."""
+
+    patcher: object
+    unet: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.unet(x_t.to(self.dtype), t.float(), context=cond.to(self.dtype)).float()
+
+
+def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
+    """Load a clone of ``model`` fully on the torch device, computing in ``dtype``.
+
+    The clone shares the base ``nn.Module``: its weights are read, never written (the trainer
+    adds its delta on the fly); only the compute dtype is an object patch of the clone.
+    """
+    patcher = model.clone()
+    patcher.set_model_compute_dtype(dtype)
+    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    device = patcher.load_device
+    return LoadedUNet(patcher, patcher.model.diffusion_model, torch.device(device), dtype)
+
+
+# -- conditioning and latents ------------------------------------------------------------
+def encode_prompt(clip, prompt: str) -> tuple[Tensor, bool]:
+    """The prompt's [1, 77, 768] embedding, and whether it had to be cut to 77 tokens."""
+    tokens = clip.tokenize(prompt)
+    cond = clip.encode_from_tokens(tokens)
+    truncated = cond.shape[1] > 77
+    return cond[:, :77].detach().float().cpu(), truncated
+
+
+def encode_images(vae, model, images: Tensor) -> Tensor:
+    """VAE latents of an IMAGE batch [N,H,W,C] in the U-Net's scale (x0.18215 for SD1.5)."""
+    latents = vae.encode(images[..., :3])
+    return model.model.process_latent_in(latents).detach().float().cpu()
+
+
+# -- the result --------------------------------------------------------------------------
+def patched_model(model, delta: dict[str, Tensor], strength: float = 1.0):
+    """A clone of ``model`` carrying ``delta`` (names relative to the U-Net) as diff patches."""
+    out = model.clone()
+    patches = {PATCH_PREFIX + name: ("diff", (t,)) for name, t in delta.items()}
+    applied = out.add_patches(patches, strength)
+    if len(applied) != len(patches):
+        raise NodeInputError("delta", f"{len(patches) - len(applied)} tensors do not match this model",
+                             "Apply the delta to the SD1.5 model it was trained on")
+    return out
+
+
+def file_key(name: str) -> str:
+    """U-Net parameter name -> the key stock ``LoraLoaderModelOnly`` reads as a diff."""
+    if name.endswith(".weight"):
+        return f"{PATCH_PREFIX}{name[: -len('.weight')]}.diff"
+    if name.endswith(".bias"):
+        return f"{PATCH_PREFIX}{name[: -len('.bias')]}.diff_b"
+    return f"{PATCH_PREFIX}{name}.diff"

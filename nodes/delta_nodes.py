@@ -1,0 +1,62 @@
+"""``LipschitzSaveDelta`` and ``LipschitzApplyDelta``: a trained delta as a file and back."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import comfy_adapter as adapter
+from .comfy_adapter import NodeInputError
+from .delta_store import FOLDER, Delta, check_shapes, delta_dir, delta_files, load_delta_file, next_free, save_delta
+from .types import DeltaType
+
+
+class LipschitzSaveDelta(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LipschitzSaveDelta",
+            display_name="Save Lipschitz Delta",
+            category="personalization/lipschitz",
+            description="Write the delta to models/lipschitz_deltas as .safetensors (stock LoraLoaderModelOnly loads it too).",
+            inputs=[DeltaType.Input("delta"), io.String.Input("filename_prefix", default="lipschitz_delta")],
+            outputs=[io.String.Output(display_name="filename")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, delta: Delta, filename_prefix: str) -> io.NodeOutput:
+        path = save_delta(next_free(filename_prefix), delta)
+        return io.NodeOutput(path.name, ui={"text": [f"{FOLDER}/{path.name}"]})
+
+
+class LipschitzApplyDelta(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        delta_dir()
+        return io.Schema(
+            node_id="LipschitzApplyDelta",
+            display_name="Apply Lipschitz Delta",
+            category="personalization/lipschitz",
+            description="MODEL + a saved delta x strength -> personalized MODEL (the base MODEL is left as it is).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("delta_file", options=delta_files()),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model, delta_file: str, strength: float) -> io.NodeOutput:
+        adapter.require_sd15(model)
+        if delta_file not in delta_files():
+            raise NodeInputError("delta_file", f"{delta_file!r} is not a .safetensors file in models/{FOLDER}",
+                                 "Pick a file from the list (press R to refresh it)")
+        path = delta_dir() / delta_file
+        params = {n: p.shape for n, p in model.model.diffusion_model.named_parameters()}
+        delta, _, _ = load_delta_file(path, list(params))
+        check_shapes(delta, params)
+        trained_on = delta.meta.get("base_fingerprint")
+        if trained_on and trained_on != adapter.fingerprint(model):
+            raise NodeInputError("model", f"{delta_file} was trained on a different base model ({trained_on})",
+                                 "Connect the checkpoint it was trained on, or load it with LoraLoaderModelOnly to apply it anyway")
+        return io.NodeOutput(adapter.patched_model(model, delta.tensors, strength))

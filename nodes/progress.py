@@ -1,0 +1,71 @@
+"""Progress of running personalizations: ComfyUI progress bar, node text, websocket events.
+
+The latest events of each running node are also kept here (bounded), so the frontend's
+chart can refill after a browser reload through the read-only status route.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import comfy.utils
+from server import PromptServer
+
+EVENT = "lipschitz.progress"
+HISTORY = 5000
+
+_lock = threading.Lock()
+_runs: dict[str, dict[str, Any]] = {}
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class NodeProgress:
+    """Reports one node's training: one websocket event and one bar update per step."""
+
+    def __init__(self, node_id: str, total: int, lam: float) -> None:
+        self.node_id = str(node_id)
+        self.total = total
+        self.lam = lam
+        self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        with _lock:
+            _runs[self.node_id] = {"node": self.node_id, "total": total, "lambda": lam,
+                                   "state": "running", "events": deque(maxlen=HISTORY)}
+
+    def text(self, message: str) -> None:
+        server = PromptServer.instance
+        if server is not None:
+            server.send_progress_text(message, self.node_id)
+
+    def step(self, event: dict[str, Any]) -> None:
+        """Send one step's metrics; the bar update raises if the user interrupted."""
+        payload = {"node": self.node_id, "lambda": self.lam, "total": self.total,
+                   "step": event["step"], "denoise": event["denoise"], "lip": event["lip"],
+                   "delta_norm": event["delta_norm"], "steps_per_s": event["steps_per_s"],
+                   "eta_s": event["eta_s"]}
+        with _lock:
+            _runs[self.node_id]["events"].append(payload)
+        server = PromptServer.instance
+        if server is not None:
+            server.send_sync(EVENT, payload, server.client_id)
+        self.text(f"step {event['step']}/{self.total}  loss {event['denoise']:.4f}  "
+                  f"L_lip {event['lip']:.3e}  |delta| {event['delta_norm']:.4f}  "
+                  f"{event['steps_per_s']:.2f} it/s  ETA {_format_eta(event['eta_s'])}")
+        self.bar.update_absolute(event["step"])
+
+    def finish(self, state: str) -> None:
+        with _lock:
+            if self.node_id in _runs:
+                _runs[self.node_id]["state"] = state
+
+
+def snapshot(node_id: str | None = None) -> dict[str, Any]:
+    """Copy of the recorded progress, for the status route."""
+    with _lock:
+        runs = {k: {**v, "events": list(v["events"])} for k, v in _runs.items()
+                if node_id is None or k == node_id}
+    return runs
