@@ -52,22 +52,27 @@ def alphas_cumprod(model) -> Tensor:
 
 
 @torch.no_grad()
-def fingerprint(model) -> str:
-    """A short, stable identity of the base U-Net weights (plus any patches on the MODEL).
+def fingerprint(unet: nn.Module) -> str:
+    """A short, stable identity of the U-Net weights as loaded (any patches applied).
 
-    Hashes every tensor's name, shape and a strided sample of about 4096 of its values:
-    seconds-free on a 860M-parameter U-Net, and any real fine-tune or merge changes it.
+    Call it on a loaded model (:func:`load_for_training`, :func:`load_for_reading`): at rest
+    the shared module may still hold another clone's patched weights.  Hashes every tensor's
+    name, shape and a strided sample of about 4096 of its values, which takes milliseconds on
+    an 860M-parameter U-Net while any real fine-tune or merge changes it.
     """
     h = hashlib.sha256()
-    for name, p in model.model.diffusion_model.named_parameters():
+    for name, p in unet.named_parameters():
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
         h.update(f"{name}|{tuple(p.shape)}|".encode())
         h.update(sample.numpy().tobytes())
-    for key in sorted(model.patches):
-        for patch in model.patches[key]:
-            h.update(f"{key}|{patch[0]}|{patch[2]}|".encode())
     return h.hexdigest()[:16]
+
+
+def load_for_reading(model) -> nn.Module:
+    """Load ``model`` as sampling would (its patches applied) and return its U-Net."""
+    comfy.model_management.load_models_gpu([model])
+    return model.model.diffusion_model
 
 
 def checkpoint_units(unet: nn.Module) -> list[nn.Module]:

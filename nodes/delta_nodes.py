@@ -56,7 +56,7 @@ class LipschitzApplyDelta(io.ComfyNode):
         delta, _, _ = load_delta_file(path, list(params))
         check_shapes(delta, params)
         trained_on = delta.meta.get("base_fingerprint")
-        if trained_on and trained_on != adapter.fingerprint(model):
+        if trained_on and trained_on != adapter.fingerprint(adapter.load_for_reading(model)):
             raise NodeInputError("model", f"{delta_file} was trained on a different base model ({trained_on})",
                                  "Connect the checkpoint it was trained on, or load it with LoraLoaderModelOnly to apply it anyway")
         return io.NodeOutput(adapter.patched_model(model, delta.tensors, strength))

@@ -125,7 +125,10 @@ class LipschitzPersonalize(io.ComfyNode):
 
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer,
                              seed=seed, prior_weight=prior_weight)
-        base_id = adapter.fingerprint(model)
+        latents = adapter.encode_images(vae, model, images)
+        class_latents = adapter.encode_images(vae, model, class_images) if class_images is not None else None
+        loaded = adapter.load_for_training(model, PRECISIONS[precision])
+        base_id = adapter.fingerprint(loaded.unet)
         parts = {"prompt": prompt, "config": config.__dict__, "precision": precision, "batch": batch_size,
                  "resolution": resolution, "class_prompt": class_prompt if class_images is not None else None,
                  "base": base_id}
@@ -135,7 +138,7 @@ class LipschitzPersonalize(io.ComfyNode):
                 "base_fingerprint": base_id, "run_key": key}
         label = f"lambda={lambda_reg:g}"
 
-        names = [n for n, _ in model.model.diffusion_model.named_parameters()]
+        names = [n for n, _ in loaded.unet.named_parameters()]
         done = auto_path(key)
         if done.exists():
             delta, _, saved_log = load_delta_file(done, names)
@@ -145,18 +148,15 @@ class LipschitzPersonalize(io.ComfyNode):
             return io.NodeOutput(adapter.patched_model(model, delta.tensors), delta,
                                  saved_log or TrainingLog(label, lambda_reg, status="loaded"))
 
-        delta, training_log = _train(model, vae, images, cond, class_images, class_cond, config, precision,
+        delta, training_log = _train(model, loaded, latents, cond, class_latents, class_cond, config,
                                      gradient_checkpointing, batch_size, resume, key, meta, label, progress)
         return io.NodeOutput(adapter.patched_model(model, delta.tensors), delta, training_log)
 
 
-def _train(model, vae, images, cond, class_images, class_cond, config: TrainConfig, precision: str,
+def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, class_cond, config: TrainConfig,
            gradient_checkpointing: bool, batch_size: int, resume: bool, key: str, meta: dict[str, str],
            label: str, progress: NodeProgress) -> tuple[Delta, TrainingLog]:
-    """Encode, train in the job thread while relaying progress, save the result or the partial."""
-    latents = adapter.encode_images(vae, model, images)
-    class_latents = adapter.encode_images(vae, model, class_images) if class_images is not None else None
-    loaded = adapter.load_for_training(model, PRECISIONS[precision])
+    """Train in the job thread while relaying progress; save the result or the partial run."""
     dev = loaded.device
     training_log = TrainingLog(label, config.lam)
     with torch.inference_mode(False):

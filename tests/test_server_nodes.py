@@ -1,0 +1,169 @@
+"""The pack on a real ComfyUI server (main.py --cpu), driven over HTTP and websocket."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from graphs import CKPT, install_subject, personalize_graph, sample
+
+NODE_IDS = {"LipschitzLoadReferenceImages", "LipschitzPersonalize", "LipschitzSaveDelta",
+            "LipschitzApplyDelta", "LipschitzTrainingReport"}
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    install_subject(comfy_server.input_dir)
+    return comfy_server
+
+
+def _pixels(server, result, node_id) -> np.ndarray:
+    """The single image a SaveImage node wrote, as an array."""
+    images = result.outputs[node_id]["images"]
+    assert len(images) == 1
+    info = images[0]
+    return np.asarray(Image.open(server.output_dir / info.get("subfolder", "") / info["filename"]))
+
+
+def _unet(tensors: dict) -> dict:
+    return {k[len("model.diffusion_model."):]: v.float() for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+
+
+def _run_ok(client, graph, timeout=600):
+    result = client.run(graph, timeout=timeout)
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
+    return result
+
+
+def test_nodes_are_registered_with_their_public_inputs(server):
+    info = server.client.object_info()
+    assert NODE_IDS <= set(info)
+    p = info["LipschitzPersonalize"]["input"]
+    assert {"model", "clip", "vae", "images", "prompt", "lambda_reg", "steps", "learning_rate", "seed"} <= set(p["required"])
+    assert {"regularizer", "precision", "gradient_checkpointing", "batch_size", "resolution",
+            "class_images", "class_prompt", "prior_weight", "resume"} <= set(p["optional"])
+    assert p["required"]["lambda_reg"][1]["default"] == 500.0 and p["required"]["lambda_reg"][1]["min"] == 0
+    assert p["required"]["steps"][1]["default"] == 1000
+    assert p["required"]["learning_rate"][1]["default"] == 2e-6
+    assert p["required"]["seed"][1]["default"] == 2025
+    assert p["optional"]["precision"][1]["default"] == "fp32"
+    assert info["LipschitzPersonalize"]["output"] == ["MODEL", "DELTA", "TRAINING_LOG"]
+    assert info["LipschitzLoadReferenceImages"]["input"]["required"]["crop"][1]["default"] == "center"
+
+
+def test_full_graph_trains_samples_saves_and_leaves_the_base_alone(server):
+    client = server.client
+    graph = personalize_graph("full", steps=5, seed=11)
+    sample(graph, ["train", 0], "full_tuned")
+    sample(graph, ["ckpt", 0], "full_base")
+    graph["save_delta"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1], "filename_prefix": "full"}}
+    graph["report"] = {"class_type": "LipschitzTrainingReport", "inputs": {"log_1": ["train", 2]}}
+    graph["report_save"] = {"class_type": "SaveImage", "inputs": {"images": ["report", 0], "filename_prefix": "full_report"}}
+    graph["merge"] = {"class_type": "CheckpointSave", "inputs": {"model": ["train", 0], "clip": ["ckpt", 1],
+                                                                  "vae": ["ckpt", 2], "filename_prefix": "checkpoints/full_merged"}}
+    result = _run_ok(client, graph)
+
+    # One websocket event and one progress update per step, for our node.
+    events = result.events("lipschitz.progress")
+    assert [e["step"] for e in events] == [1, 2, 3, 4, 5]
+    assert all(e["total"] == 5 and e["lambda"] == 500.0 and e["delta_norm"] > 0 for e in events)
+    bar = [m["data"] for m in result.messages if m["type"] == "progress" and m["data"].get("node") == "train"]
+    assert bar and bar[-1]["value"] == 5
+
+    tuned, base = _pixels(server, result, "full_tuned_save"), _pixels(server, result, "full_base_save")
+    assert tuned.shape == (64, 64, 3) and not np.array_equal(tuned, base)
+    assert _pixels(server, result, "report_save").shape[0] > 200
+
+    # The merged checkpoint is base + delta; the base checkpoint's U-Net is untouched.
+    delta_path = server.base_dir / "models" / "lipschitz_deltas" / result.outputs["save_delta"]["text"][0].split("/")[-1]
+    delta = load_file(delta_path)
+    merged = _unet(load_file(next((server.output_dir / "checkpoints").glob("full_merged*.safetensors"))))
+    original = _unet(load_file(server.checkpoints_dir / CKPT))
+    key = "input_blocks.0.0.weight"
+    torch.testing.assert_close(merged[key], original[key] + delta[f"diffusion_model.{key[:-7]}.diff"], rtol=0, atol=1e-6)
+
+    # The MODEL every other node holds: saved after training it equals the file, bit for bit.
+    check = {"ckpt": graph["ckpt"], "save": {"class_type": "CheckpointSave", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "filename_prefix": "checkpoints/base_after"}}}
+    _run_ok(client, check)
+    after = _unet(load_file(next((server.output_dir / "checkpoints").glob("base_after*.safetensors"))))
+    assert after.keys() == original.keys()
+    assert all(torch.equal(after[k], original[k]) for k in original)
+
+
+def test_requeue_is_cached_and_restart_reloads_the_delta_from_disk(server):
+    client = server.client
+    graph = personalize_graph("cache", steps=3, seed=12)
+    sample(graph, ["train", 0], "cache_tuned")
+    first = _run_ok(client, graph)
+    assert len(first.events("lipschitz.progress")) == 3
+    again = _run_ok(client, graph)
+    assert "train" in again.cached_nodes and not again.events("lipschitz.progress")
+
+    server.restart()
+    reloaded = _run_ok(client := server.client, graph)
+    assert "train" not in reloaded.cached_nodes
+    assert not reloaded.events("lipschitz.progress"), "a finished run must not be retrained"
+    assert np.array_equal(_pixels(server, first, "cache_tuned_save"), _pixels(server, reloaded, "cache_tuned_save"))
+
+
+def test_saved_delta_reapplied_by_our_node_and_by_stock_lora_loader_gives_the_same_sample(server):
+    client = server.client
+    graph = personalize_graph("apply", steps=3, seed=13)
+    sample(graph, ["train", 0], "apply_tuned")
+    graph["save_delta"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1], "filename_prefix": "apply"}}
+    trained = _run_ok(client, graph)
+    name = trained.outputs["save_delta"]["text"][0].split("/")[-1]
+    server.restart()  # the file list of the Apply node's combo is read at start
+    client = server.client
+    (server.base_dir / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    lora = server.base_dir / "models" / "loras" / name
+    lora.symlink_to(server.base_dir / "models" / "lipschitz_deltas" / name)
+
+    graph2 = {"ckpt": graph["ckpt"],
+              "ours": {"class_type": "LipschitzApplyDelta", "inputs": {"model": ["ckpt", 0], "delta_file": name, "strength": 1.0}},
+              "stock": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["ckpt", 0], "lora_name": name, "strength_model": 1.0}}}
+    sample(graph2, ["ours", 0], "apply_ours")
+    sample(graph2, ["stock", 0], "apply_stock")
+    applied = _run_ok(client, graph2)
+    reference = _pixels(server, trained, "apply_tuned_save")
+    assert np.array_equal(_pixels(server, applied, "apply_ours_save"), reference)
+    assert np.array_equal(_pixels(server, applied, "apply_stock_save"), reference)
+
+
+def test_interrupt_stops_within_a_step_saves_the_partial_and_the_server_goes_on(server):
+    client = server.client
+    graph = personalize_graph("interrupt", steps=5000, seed=14)
+    sample(graph, ["train", 0], "interrupt_tuned")
+    seen: list[int] = []
+
+    def on_message(msg):
+        if msg.get("type") == "lipschitz.progress":
+            seen.append(msg["data"]["step"])
+            if len(seen) == 3:
+                client.interrupt()
+
+    result = client.run(graph, timeout=600, on_message=on_message)
+    assert result.status == "interrupted"
+    assert max(seen) <= 5, "training went on after the interrupt"
+    partials = list((server.base_dir / "models" / "lipschitz_deltas").glob("partial_*.safetensors"))
+    assert partials
+    from trainer.persist import read_metadata
+    meta = read_metadata(max(partials, key=lambda p: p.stat().st_mtime))
+    assert meta["status"] == "interrupted" and 3 <= int(meta["steps_done"]) <= 5
+    _run_ok(client, sample(personalize_graph("after", steps=2, seed=15), ["train", 0], "after_tuned"))
+
+
+def test_non_sd15_model_is_refused_before_training(server, tiny_sdxl_ckpt):
+    link = server.checkpoints_dir / "tiny_sdxl.safetensors"
+    if not link.exists():
+        link.symlink_to(tiny_sdxl_ckpt)
+    graph = personalize_graph("sdxl", steps=3)
+    graph["ckpt"]["inputs"]["ckpt_name"] = "tiny_sdxl.safetensors"
+    graph["merge"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1], "filename_prefix": "sdxl"}}
+    result = server.client.run(graph, timeout=600)
+    assert result.status == "error"
+    assert "model:" in result.error["exception_message"] and "SD1.5" in result.error["exception_message"]
+    assert not result.events("lipschitz.progress")
