@@ -1,0 +1,38 @@
+# Development / test harness for comfyui-lipschitz-personalize (GNU make).
+PY ?= python3
+VENV = .venv
+VPY = $(VENV)/bin/python
+STAMP = $(VENV)/.installed
+MODELS = .comfyui/models
+TINY_SD15 = $(MODELS)/tiny_sd15.safetensors
+TINY_SDXL = $(MODELS)/tiny_sdxl.safetensors
+
+export PYTHONUNBUFFERED = 1
+
+.PHONY: venv comfyui tiny-ckpt test demo
+
+venv: $(STAMP)
+
+# Works for a venv created by hand too: the stamp is missing, so the (idempotent) installs run once.
+$(STAMP): constraints.txt requirements-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -c constraints.txt torch==2.15.0 torchvision==0.29.2
+	$(VPY) -m pip install -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+comfyui: venv
+	$(VPY) tools/setup_comfyui.py
+
+tiny-ckpt: $(TINY_SD15) $(TINY_SDXL)
+
+$(TINY_SD15): | $(STAMP)
+	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sd15
+
+$(TINY_SDXL): | $(STAMP)
+	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sdxl
+
+test: venv comfyui tiny-ckpt
+	$(VPY) -m pytest -q
+
+demo: venv comfyui tiny-ckpt
+	$(VPY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
