@@ -116,9 +116,24 @@ def encode_prompt(clip, prompt: str) -> tuple[Tensor, bool]:
     return cond[:, :77].detach().float().cpu(), truncated
 
 
-def encode_images(vae, model, images: Tensor) -> Tensor:
-    """VAE latents of an IMAGE batch [N,H,W,C] in the U-Net's scale (x0.18215 for SD1.5)."""
-    latents = vae.encode(images[..., :3])
+def encode_images(vae, model, images: Tensor, seed: int) -> Tensor:
+    """VAE latents of an IMAGE batch [N,H,W,C] in the U-Net's scale (x0.18215 for SD1.5).
+
+    Like the reference code, each latent is a sample of the VAE posterior, drawn once and
+    cached (ComfyUI's encode returns the posterior mode): the shared VAE is switched to
+    sampling only for this call, under a forked RNG seeded with the run's seed.
+    """
+    regularizer = getattr(vae.first_stage_model, "regularization", None)
+    sampling = getattr(regularizer, "sample", None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if sampling is not None:
+            regularizer.sample = True
+        try:
+            latents = vae.encode(images[..., :3])
+        finally:
+            if sampling is not None:
+                regularizer.sample = sampling
     return model.model.process_latent_in(latents).detach().float().cpu()
 
 

@@ -125,8 +125,8 @@ class LipschitzPersonalize(io.ComfyNode):
 
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer,
                              seed=seed, prior_weight=prior_weight)
-        latents = adapter.encode_images(vae, model, images)
-        class_latents = adapter.encode_images(vae, model, class_images) if class_images is not None else None
+        latents = adapter.encode_images(vae, model, images, seed)
+        class_latents = adapter.encode_images(vae, model, class_images, seed + 1) if class_images is not None else None
         loaded = adapter.load_for_training(model, PRECISIONS[precision])
         base_id = adapter.fingerprint(loaded.unet)
         parts = {"prompt": prompt, "config": config.__dict__, "precision": precision, "batch": batch_size,
