@@ -1,13 +1,15 @@
 """The pack on a real ComfyUI server (main.py --cpu), driven over HTTP and websocket."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from graphs import CKPT, install_subject, personalize_graph, sample
+from graphs import CKPT, DATA, install_subject, personalize_graph, sample
 
 NODE_IDS = {"LipschitzLoadReferenceImages", "LipschitzPersonalize", "LipschitzSaveDelta",
             "LipschitzApplyDelta", "LipschitzTrainingReport"}
@@ -167,3 +169,20 @@ def test_non_sd15_model_is_refused_before_training(server, tiny_sdxl_ckpt):
     assert result.status == "error"
     assert "model:" in result.error["exception_message"] and "SD1.5" in result.error["exception_message"]
     assert not result.events("lipschitz.progress")
+
+
+def test_stock_load_image_feeds_the_trainer_and_the_base_still_samples_the_base(server):
+    client = server.client
+    shutil.copy(DATA / "dog" / "00.jpg", server.input_dir / "stock_dog.jpg")  # 512x512, resized by the node
+    base_only = sample({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}},
+                       ["ckpt", 0], "stock_reference", seed=21)
+    reference = _pixels(server, _run_ok(client, base_only), "stock_reference_save")
+
+    graph = personalize_graph("stock", steps=2, seed=16)
+    graph["refs"] = {"class_type": "LoadImage", "inputs": {"image": "stock_dog.jpg"}}
+    sample(graph, ["train", 0], "stock_tuned", seed=21)
+    sample(graph, ["ckpt", 0], "stock_base", seed=21)
+    result = _run_ok(client, graph)
+    assert len(result.events("lipschitz.progress")) == 2
+    assert np.array_equal(_pixels(server, result, "stock_base_save"), reference)
+    assert not np.array_equal(_pixels(server, result, "stock_tuned_save"), reference)
