@@ -9,7 +9,7 @@ TINY_SDXL = $(MODELS)/tiny_sdxl.safetensors
 
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv comfyui tiny-ckpt test demo
+.PHONY: venv comfyui tiny-ckpt browser-deps test demo
 
 venv: $(STAMP)
 
@@ -31,7 +31,11 @@ $(TINY_SD15): | $(STAMP)
 $(TINY_SDXL): | $(STAMP)
 	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sdxl
 
-test: venv comfyui tiny-ckpt
+# Debian's chromium for tests/test_browser.py (playwright drives it; no `playwright install`).
+browser-deps:
+	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: venv comfyui tiny-ckpt browser-deps
 	$(VPY) -m pytest -q
 
 demo: venv comfyui tiny-ckpt

@@ -2,6 +2,14 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import NODES
+from .nodes import routes as _routes
+
+# Frontend extension (live training chart): every .js under ./web is loaded by the frontend.
+WEB_DIRECTORY = "./web"
+
+# GET /lipschitz/status (read-only, for the chart to refill after a reload). A no-op when no
+# PromptServer runs (e.g. the pack imported by pytest).
+_routes.register()
 
 
 class LipschitzExtension(ComfyExtension):

@@ -220,7 +220,8 @@ class ComfyServer:
 
     def __init__(self, base_dir: str | Path, port: int | None = None,
                  extra_args: Iterable[str] = (), start_timeout: float = 180.0,
-                 python: str | None = None, env: dict | None = None):
+                 python: str | None = None, env: dict | None = None, link_pack: bool = True):
+        self.link_pack = link_pack  # False: a stock ComfyUI (e.g. a baseline for the browser test)
         self.base_dir = Path(base_dir).resolve()
         self.port = port
         self.extra_args = list(extra_args)
@@ -259,6 +260,8 @@ class ComfyServer:
     def _prepare_dirs(self) -> None:
         for d in (self.custom_nodes_dir, self.checkpoints_dir, self.input_dir, self.output_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if not self.link_pack:
+            return
         link = self.custom_nodes_dir / PACK_DIR_NAME
         if link.is_symlink() or link.exists():
             if link.is_symlink() and Path(os.readlink(link)) == REPO_ROOT:

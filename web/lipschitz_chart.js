@@ -1,0 +1,293 @@
+// Live training chart for the LipschitzPersonalize node (ComfyUI frontend extension).
+//
+// Each LipschitzPersonalize node gets a DOM widget with a canvas that plots, per training step,
+// the denoise loss, L_lip and ||delta|| (one panel each, own y-range), plus a text line with
+// steps/s and the ETA. Data arrive live over the websocket (custom event "lipschitz.progress",
+// sent by nodes/progress.py to the client that queued the prompt). After a browser reload, or a
+// websocket reconnect, the chart refills from the read-only route GET /lipschitz/status.
+//
+// Debug / test hook: window.__lipschitzChart[nodeId] = {points, step, total, state, live}
+// (points: drawn per series; live: websocket events this page received for the node); the
+// widget's root element also carries data-points / data-node.
+// No external libraries: plain canvas 2D.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EXTENSION = "lipschitz.personalize.chart";
+const NODE_CLASS = "LipschitzPersonalize";
+const EVENT = "lipschitz.progress";
+const STATUS_ROUTE = "/lipschitz/status";
+const MAX_POINTS = 5000; // same bound as the server's history (nodes/progress.py HISTORY)
+const SERIES = [
+  { key: "denoise", label: "denoise loss", color: "#4fc3f7" },
+  { key: "lip", label: "L_lip", color: "#ffb74d" },
+  { key: "delta_norm", label: "||delta||", color: "#81c784" },
+];
+
+const runs = new Map(); // node id (string) -> {total, lambda, state, events: [payload...]}
+const live = new Map(); // node id -> number of websocket events received by this page
+const charts = new Set(); // live Chart objects (one per LipschitzPersonalize node on the canvas)
+const debug = (window.__lipschitzChart = window.__lipschitzChart || {});
+
+// ---------------------------------------------------------------------------------------------
+// data
+
+function lastStep(run) {
+  return run && run.events.length ? run.events[run.events.length - 1].step : 0;
+}
+
+function onProgress(d) {
+  if (!d || d.node === undefined || d.node === null) return;
+  const id = String(d.node);
+  live.set(id, (live.get(id) || 0) + 1);
+  let run = runs.get(id);
+  // A step that does not advance means a new run of the same node: start a fresh series.
+  if (!run || (run.events.length && d.step <= lastStep(run))) {
+    run = { total: d.total, lambda: d.lambda, state: "running", events: [] };
+    runs.set(id, run);
+  }
+  run.total = d.total;
+  run.lambda = d.lambda;
+  run.state = d.step >= d.total ? "completed" : "running";
+  run.events.push(d);
+  if (run.events.length > MAX_POINTS) run.events.splice(0, run.events.length - MAX_POINTS);
+  redraw(id);
+}
+
+// Merge a server snapshot (authoritative up to its last step) with live events received since.
+function mergeRun(id, snap) {
+  if (!snap || !Array.isArray(snap.events)) return;
+  const have = runs.get(id);
+  if (!snap.events.length && have && have.events.length) return;
+  const upto = snap.events.length ? snap.events[snap.events.length - 1].step : 0;
+  const newer = have ? have.events.filter((e) => e.step > upto) : [];
+  const events = snap.events.concat(newer).slice(-MAX_POINTS);
+  runs.set(id, {
+    total: snap.total,
+    lambda: snap.lambda,
+    state: newer.length ? "running" : snap.state,
+    events,
+  });
+}
+
+async function refill(nodeId) {
+  const query = nodeId === undefined ? "" : "?node=" + encodeURIComponent(String(nodeId));
+  try {
+    const resp = await api.fetchApi(STATUS_ROUTE + query, { cache: "no-store" });
+    if (!resp.ok) return;
+    const data = await resp.json();
+    for (const [id, snap] of Object.entries(data || {})) mergeRun(id, snap);
+  } catch (err) {
+    console.warn("[lipschitz] could not read " + STATUS_ROUTE, err);
+    return;
+  }
+  redraw(nodeId === undefined ? undefined : String(nodeId));
+}
+
+function redraw(id) {
+  for (const chart of charts) {
+    if (id === undefined || chart.nodeId === id) chart.schedule();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// drawing
+
+function fmtValue(v) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return "nan";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e4)) return v.toExponential(2);
+  return v.toPrecision(4);
+}
+
+function fmtEta(s) {
+  if (!Number.isFinite(s) || s < 0) return "?";
+  s = Math.round(s);
+  if (s >= 3600) return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+  if (s >= 60) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  return `${s}s`;
+}
+
+class Chart {
+  constructor(node) {
+    this.node = node;
+    this.pending = false;
+    this.root = document.createElement("div");
+    this.root.className = "lipschitz-chart";
+    this.root.dataset.points = "0";
+    Object.assign(this.root.style, {
+      display: "flex", flexDirection: "column", width: "100%", height: "100%",
+      boxSizing: "border-box", background: "#181818", borderRadius: "4px", overflow: "hidden",
+    });
+    this.canvas = document.createElement("canvas");
+    Object.assign(this.canvas.style, { flex: "1 1 auto", width: "100%", minHeight: "0" });
+    this.info = document.createElement("div");
+    this.info.className = "lipschitz-chart-info";
+    Object.assign(this.info.style, {
+      flex: "0 0 auto", font: "11px monospace", color: "#ccc", padding: "2px 6px",
+      whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis",
+    });
+    this.info.textContent = "waiting for training steps";
+    this.root.append(this.canvas, this.info);
+    if (window.ResizeObserver) {
+      this.observer = new ResizeObserver(() => this.schedule());
+      this.observer.observe(this.canvas);
+    }
+  }
+
+  get nodeId() {
+    return String(this.node.id);
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.draw();
+    });
+  }
+
+  dispose() {
+    this.observer?.disconnect();
+    charts.delete(this);
+  }
+
+  draw() {
+    const id = this.nodeId;
+    const run = runs.get(id);
+    const events = run ? run.events : [];
+    const dpr = window.devicePixelRatio || 1;
+    // A hidden widget (node off screen) has no layout size: keep drawing into the last size.
+    const cssW = this.canvas.clientWidth || this.cssW || 320;
+    const cssH = this.canvas.clientHeight || this.cssH || 200;
+    this.cssW = cssW;
+    this.cssH = cssH;
+    if (this.canvas.width !== Math.round(cssW * dpr)) this.canvas.width = Math.round(cssW * dpr);
+    if (this.canvas.height !== Math.round(cssH * dpr)) this.canvas.height = Math.round(cssH * dpr);
+    const ctx = this.canvas.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, cssW, cssH);
+    ctx.fillStyle = "#181818";
+    ctx.fillRect(0, 0, cssW, cssH);
+
+    const first = events.length ? events[0].step : 1;
+    const total = Math.max(run ? run.total || 0 : 0, lastStep(run), first + 1);
+    const pad = { l: 6, r: 6, t: 4, b: 2 };
+    const labelH = 13;
+    const panelH = (cssH - pad.t - pad.b) / SERIES.length;
+    const x0 = pad.l + 3;
+    const xw = Math.max(cssW - pad.l - pad.r - 6, 1);
+    const xOf = (step) => x0 + (xw * (step - first)) / (total - first);
+    let drawn = 0;
+    ctx.font = "11px monospace";
+    ctx.textBaseline = "top";
+
+    SERIES.forEach((s, i) => {
+      const top = pad.t + i * panelH;
+      const plotTop = top + labelH;
+      const plotH = Math.max(panelH - labelH - 4, 4);
+      ctx.strokeStyle = "#333";
+      ctx.lineWidth = 1;
+      ctx.strokeRect(pad.l + 0.5, plotTop + 0.5, cssW - pad.l - pad.r - 1, plotH);
+
+      const pts = [];
+      for (const e of events) {
+        const v = e[s.key];
+        if (typeof v === "number" && Number.isFinite(v)) pts.push([e.step, v]);
+      }
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (const [, v] of pts) {
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+      }
+      const [rawLo, rawHi] = [lo, hi];
+      if (pts.length && hi - lo < 1e-12 * Math.max(Math.abs(hi), 1)) {
+        lo -= 0.5 * Math.max(Math.abs(lo), 1e-12);
+        hi += 0.5 * Math.max(Math.abs(hi), 1e-12);
+      }
+      const yOf = (v) => plotTop + 3 + (plotH - 6) * (1 - (v - lo) / (hi - lo));
+      if (pts.length) {
+        ctx.strokeStyle = s.color;
+        ctx.fillStyle = s.color;
+        ctx.lineWidth = 1.5;
+        ctx.beginPath();
+        pts.forEach(([st, v], k) => (k ? ctx.lineTo(xOf(st), yOf(v)) : ctx.moveTo(xOf(st), yOf(v))));
+        ctx.stroke();
+        if (pts.length <= 60) {
+          for (const [st, v] of pts) ctx.fillRect(xOf(st) - 1.5, yOf(v) - 1.5, 3, 3);
+        }
+      }
+      drawn = i === 0 ? pts.length : Math.min(drawn, pts.length);
+
+      ctx.fillStyle = s.color;
+      const last = pts.length ? pts[pts.length - 1][1] : null;
+      ctx.fillText(`${s.label} ${last === null ? "-" : fmtValue(last)}`, pad.l + 2, top);
+      if (pts.length) {
+        ctx.fillStyle = "#888";
+        const range = `min ${fmtValue(rawLo)}  max ${fmtValue(rawHi)}`;
+        ctx.fillText(range, cssW - pad.r - 2 - ctx.measureText(range).width, top);
+      }
+    });
+
+    const e = events.length ? events[events.length - 1] : null;
+    if (e) {
+      const state = run.state && run.state !== "running" ? `  ${run.state}` : "";
+      this.info.textContent = `step ${e.step}/${run.total}  ${Number(e.steps_per_s).toFixed(2)} it/s  ` +
+        `ETA ${fmtEta(e.eta_s)}  λ=${run.lambda}${state}`;
+    } else {
+      this.info.textContent = "waiting for training steps";
+    }
+    this.root.dataset.points = String(drawn);
+    this.root.dataset.node = id;
+    debug[id] = { points: drawn, step: e ? e.step : 0, total: run ? run.total : 0,
+                  state: run ? run.state : "idle", live: live.get(id) || 0 };
+  }
+}
+
+function attachChart(node) {
+  const chart = new Chart(node);
+  const widget = node.addDOMWidget("lipschitz_chart", "lipschitz_chart", chart.root, {
+    serialize: false, // not a node input: keep it out of the prompt ...
+    hideOnZoom: false,
+    getValue: () => undefined,
+    setValue: () => {},
+    getMinHeight: () => 220,
+  });
+  widget.serialize = false; // ... and out of the workflow's widgets_values
+  charts.add(chart);
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function () {
+    chart.dispose();
+    return onRemoved?.apply(this, arguments);
+  };
+  const min = node.computeSize();
+  node.setSize([Math.max(node.size[0], min[0], 360), Math.max(node.size[1], min[1])]);
+  // node.id is assigned after nodeCreated when a saved graph is configured: read it later.
+  setTimeout(() => {
+    if (node.id !== undefined && node.id !== null && Number(node.id) !== -1) refill(node.id);
+    chart.schedule();
+  }, 0);
+  return chart;
+}
+
+// Loaded twice if both WEB_DIRECTORY and pyproject's [tool.comfy] web register the folder:
+// registering an extension name twice throws in the frontend, so only the first copy registers.
+if (!window.__lipschitzChartExtension) {
+  window.__lipschitzChartExtension = EXTENSION;
+  app.registerExtension({
+    name: EXTENSION,
+    async setup() {
+      api.addEventListener(EVENT, (ev) => onProgress(ev.detail));
+      api.addEventListener("reconnected", () => refill());
+      await refill();
+    },
+    nodeCreated(node) {
+      if (node.comfyClass === NODE_CLASS || node.type === NODE_CLASS) attachChart(node);
+    },
+    loadedGraphNode(node) {
+      if (node.comfyClass === NODE_CLASS || node.type === NODE_CLASS) redraw(String(node.id));
+    },
+  });
+}
