@@ -1,5 +1,6 @@
 """The pack's ComfyUI nodes: thin adapters around :mod:`trainer`."""
 from .delta_nodes import LipschitzApplyDelta, LipschitzSaveDelta
+from .grid import LipschitzLabeledGrid
 from .personalize import LipschitzPersonalize
 from .reference_images import LipschitzLoadReferenceImages
 from .report import LipschitzTrainingReport
@@ -10,4 +11,5 @@ NODES = [
     LipschitzSaveDelta,
     LipschitzApplyDelta,
     LipschitzTrainingReport,
+    LipschitzLabeledGrid,
 ]

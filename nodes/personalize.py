@@ -77,7 +77,8 @@ class LipschitzPersonalize(io.ComfyNode):
                                tooltip="Regularization strength: 0 = plain fine-tune, 500 = paper, larger = less drift"),
                 io.Int.Input("steps", default=1000, min=1, max=100000),
                 io.Float.Input("learning_rate", default=2e-6, min=0.0, max=1.0, step=1e-7, round=1e-10),
-                io.Int.Input("seed", default=2025, min=0, max=2**63 - 1),
+                io.Int.Input("seed", default=2025, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Fixed by default: the same seed reproduces (and reloads) the same run"),
                 io.Combo.Input("regularizer", options=list(KINDS), default="mean_sq", optional=True,
                                tooltip="mean_sq = the paper (per-tensor mean); sum_sq and l1 are variants"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32", optional=True,
@@ -138,10 +139,20 @@ class LipschitzPersonalize(io.ComfyNode):
                 "base_fingerprint": base_id, "run_key": key}
         label = f"lambda={lambda_reg:g}"
 
-        names = [n for n, _ in loaded.unet.named_parameters()]
+        shapes = {n: tuple(p.shape) for n, p in loaded.unet.named_parameters()}
         done = auto_path(key)
+        cached = None
         if done.exists():
-            delta, _, saved_log = load_delta_file(done, names)
+            try:
+                cached = load_delta_file(done, shapes)
+            except NodeInputError as exc:  # damaged cache entry: keep it aside for inspection, retrain
+                aside = done.with_name(done.name + ".corrupt")
+                done.replace(aside)
+                log.warning("LipschitzPersonalize: %s; moved to %s, training again", exc, aside.name)
+                progress.text(f"warning: the saved run {done.name} is damaged ({exc}); moved it to "
+                              f"{aside.name} and training again")
+        if cached is not None:
+            delta, _, saved_log = cached
             progress.text(f"loaded the finished run from models/lipschitz_deltas/{done.name} (no training needed)")
             progress.bar.update_absolute(steps)
             progress.finish("loaded")
@@ -151,6 +162,23 @@ class LipschitzPersonalize(io.ComfyNode):
         delta, training_log = _train(model, loaded, latents, cond, class_latents, class_cond, config,
                                      gradient_checkpointing, batch_size, resume, key, meta, label, progress)
         return io.NodeOutput(adapter.patched_model(model, delta.tensors), delta, training_log)
+
+
+def _rewind_generator_on_error(trainer: RegularizedTrainer) -> None:
+    """A step that raises (an interrupt inside a U-Net forward, an error) has already drawn its
+    data, timestep and noise; put the generator back to where the last completed step left it,
+    so that the saved resume state continues bitwise like an uninterrupted run."""
+    step = trainer.step
+
+    def guarded():
+        state = trainer.generator.get_state()
+        try:
+            return step()
+        except BaseException:
+            trainer.generator.set_state(state)
+            raise
+
+    trainer.step = guarded
 
 
 def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, class_cond, config: TrainConfig,
@@ -169,13 +197,20 @@ def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, clas
                                      checkpoint=adapter.checkpoint_units(loaded.unet) if gradient_checkpointing else ())
         partial = partial_path(key)
         if resume and partial.exists():
-            saved, extra, saved_log = load_delta_file(partial, delta.names)
-            state = unflatten_trainer_state({**{f"delta.{n}": t for n, t in saved.tensors.items()}, **extra},
-                                            saved.meta, delta.names)
-            trainer.load_state_dict(state)
+            try:
+                saved, extra, saved_log = load_delta_file(partial, {n: tuple(t.shape) for n, t in delta.delta.items()})
+                state = unflatten_trainer_state({**{f"delta.{n}": t for n, t in saved.tensors.items()}, **extra},
+                                                saved.meta, delta.names)
+                trainer.load_state_dict(state)
+            except (NodeInputError, KeyError, ValueError, RuntimeError) as exc:
+                raise NodeInputError("resume", f"the saved partial run {partial.name} cannot be resumed ({exc})",
+                                     "Turn resume off to train from step 0 (the file is replaced by the new run)") from exc
             training_log = saved_log or training_log
             progress.text(f"resuming at step {trainer.step_count} from {partial.name}")
+        elif resume:
+            progress.text("resume: no stopped run of these settings was found; training from step 0")
     start_step = trainer.step_count
+    _rewind_generator_on_error(trainer)
     job = TrainingJob(trainer).start()
 
     def save(path, status: str) -> Delta:
@@ -202,14 +237,15 @@ def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, clas
                 job.cancel()
         relay(job.poll())
         outcome = job.wait()
-    except BaseException:
+    except BaseException as exc:
         job.cancel()
         try:
             job.wait()
         except BaseException:  # noqa: BLE001 - the first error is the one to report
             pass
         if trainer.step_count > start_step:
-            saved = save(partial_path(key), "interrupted")
+            stopped = isinstance(exc, comfy.model_management.InterruptProcessingException)
+            saved = save(partial_path(key), "interrupted" if stopped else "failed")
             log.warning("LipschitzPersonalize: stopped at step %d; saved %s", saved.steps_done, partial_path(key).name)
         progress.finish("interrupted")
         raise

@@ -38,8 +38,8 @@ def panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
     for v in _ticks(ymin, ymax):
         draw.line((left - 4, sy(v), left, sy(v)), fill=(0, 0, 0))
         draw.text((x0 + 4, sy(v) - 5), _fmt(v), fill=(0, 0, 0), font=font)
-    for v in _ticks(xmin, xmax):
-        draw.text((sx(v) - 8, bottom + 6), f"{v:.0f}", fill=(0, 0, 0), font=font)
+    for v in sorted({round(v) for v in _ticks(xmin, xmax)}):  # steps are whole numbers
+        draw.text((sx(v) - 8, bottom + 6), str(v), fill=(0, 0, 0), font=font)
     for i, (_, xs, ys) in enumerate(series):
         line = [(sx(x), sy(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
         if len(line) > 1:

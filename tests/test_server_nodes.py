@@ -50,6 +50,7 @@ def test_nodes_are_registered_with_their_public_inputs(server):
     assert p["required"]["steps"][1]["default"] == 1000
     assert p["required"]["learning_rate"][1]["default"] == 2e-6
     assert p["required"]["seed"][1]["default"] == 2025
+    assert p["required"]["seed"][1]["control_after_generate"] is False  # fixed: re-queues reuse the run
     assert p["optional"]["precision"][1]["default"] == "fp32"
     assert info["LipschitzPersonalize"]["output"] == ["MODEL", "DELTA", "TRAINING_LOG"]
     assert info["LipschitzLoadReferenceImages"]["input"]["required"]["crop"][1]["default"] == "center"

@@ -216,11 +216,17 @@ class ComfyClient:
 
 
 class ComfyServer:
-    """A ``main.py --cpu`` ComfyUI server in ``base_dir`` with this repo linked in as a pack."""
+    """A ``main.py`` ComfyUI server in ``base_dir`` with this repo linked in as a pack.
+
+    ``cpu=True`` (tests) passes ``--cpu``; ``cpu=False`` lets ComfyUI use the GPU (the demo on
+    a real checkpoint).
+    """
 
     def __init__(self, base_dir: str | Path, port: int | None = None,
                  extra_args: Iterable[str] = (), start_timeout: float = 180.0,
-                 python: str | None = None, env: dict | None = None, link_pack: bool = True):
+                 python: str | None = None, env: dict | None = None, link_pack: bool = True,
+                 cpu: bool = True):
+        self.cpu = cpu
         self.link_pack = link_pack  # False: a stock ComfyUI (e.g. a baseline for the browser test)
         self.base_dir = Path(base_dir).resolve()
         self.port = port
@@ -283,7 +289,7 @@ class ComfyServer:
             return self
         if self.port is None:
             self.port = free_port()
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", *self.extra_args]
         env = dict(os.environ if self.env is None else self.env)

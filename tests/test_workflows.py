@@ -1,0 +1,332 @@
+"""The shipped workflows (workflows/*.json), the UI->API converter and the grid node.
+
+Every shipped file is converted as it is (not a hand-written twin) with the server's own
+``/object_info``, shrunk for the tiny checkpoint (few steps, 64 px), run on a real server, and
+every output node must have produced its files.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from graphs import CKPT, install_subject
+from tools.comfy_server import PACK_DIR_NAME
+from tools.workflow_convert import (WorkflowConversionError, apply_overrides, convert, output_nodes,
+                                    small_run_overrides, widget_inputs, widget_layout)
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+RES = 64         # training resolution (the node's minimum)
+SAMPLE_RES = 32  # sampling: 4x4 latents, the VAE decode dominates a tiny run
+
+
+def _load_grid_module():
+    spec = importlib.util.spec_from_file_location("lipschitz_grid_under_test", REPO / "nodes" / "grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+grid = _load_grid_module()
+
+
+# --------------------------------------------------------------------------------------------
+# converter units (object_info shaped like 0.3.75's, no server)
+
+INFO = {
+    "KSampler": {
+        "input": {"required": {
+            "model": ["MODEL", {}], "seed": ["INT", {"default": 0, "control_after_generate": True}],
+            "steps": ["INT", {"default": 20}], "cfg": ["FLOAT", {"default": 8.0}],
+            "sampler_name": [["euler", "ddim"], {}], "scheduler": [["normal", "karras"], {}],
+            "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}], "latent_image": ["LATENT", {}],
+            "denoise": ["FLOAT", {"default": 1.0}]}},
+        "input_order": {"required": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                                     "negative", "latent_image", "denoise"]},
+        "output": ["LATENT"], "output_node": False},
+    "Trainer": {  # an INT named seed without the option (the frontend still adds the control)
+        "input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"default": 1}]},
+                  "optional": {"flag": ["BOOLEAN", {"default": True}], "mode": ["COMBO", {"options": ["a", "b"]}],
+                               "noise_seed": ["INT", {"control_after_generate": False}],
+                               "count": ["INT", {"forceInput": True}]}},
+        "input_order": {"required": ["model", "seed"], "optional": ["flag", "mode", "noise_seed", "count"]},
+        "output": ["MODEL"], "output_node": False},
+    "LoadImage": {"input": {"required": {"image": [["a.png", "b.png"], {"image_upload": True}]}},
+                  "input_order": {"required": ["image"]}, "output": ["IMAGE", "MASK"], "output_node": False},
+    "PickCombo": {"input": {"required": {"choice": [["x", "y"], {"control_after_generate": True}],
+                                         "strength": ["FLOAT", {"default": 1.0}]}},
+                  "input_order": {"required": ["choice", "strength"]}, "output": ["STRING"], "output_node": False},
+    "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["a.safetensors"], {}]}},
+                               "input_order": {"required": ["ckpt_name"]}, "output": ["MODEL", "CLIP", "VAE"],
+                               "output_node": False},
+    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+                  "input_order": {"required": ["images", "filename_prefix"]}, "output": [], "output_node": True},
+}
+
+
+def _node(nid, kind, widgets=(), inputs=(), mode=0, outputs=1):
+    return {"id": nid, "type": kind, "mode": mode, "widgets_values": list(widgets),
+            "inputs": [{"name": n, "type": t, "link": l, **({"widget": {"name": n}} if w else {})}
+                       for n, t, l, w in inputs],
+            "outputs": [{"name": "out", "type": "MODEL", "links": []} for _ in range(outputs)]}
+
+
+def test_layout_follows_the_frontend_widget_rules():
+    assert widget_layout(INFO["KSampler"]) == [("seed", 1, 0), ("steps", 0, 20), ("cfg", 0, 8.0),
+                                               ("sampler_name", 0, "euler"), ("scheduler", 0, "normal"),
+                                               ("denoise", 0, 1.0)]
+    # seed by name: +1; explicit control_after_generate False: none; forceInput: no widget.
+    assert [(n, e) for n, e, _ in widget_layout(INFO["Trainer"])] == [("seed", 1), ("flag", 0), ("mode", 0), ("noise_seed", 0)]
+    assert [(n, e) for n, e, _ in widget_layout(INFO["LoadImage"])] == [("image", 1)]
+    assert [(n, e) for n, e, _ in widget_layout(INFO["PickCombo"])] == [("choice", 2), ("strength", 0)]
+
+
+def test_control_after_generate_and_upload_values_are_skipped():
+    wf = {"nodes": [
+        _node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+        # A KSampler exactly as ComfyUI's own templates save it.
+        _node(2, "KSampler", [599575228983496, "randomize", 20, 6, "euler", "normal", 1],
+              [("model", "MODEL", 1, False)]),
+        _node(3, "Trainer", [7, "fixed", False, "b", 5], [("model", "MODEL", 2, False)]),
+        _node(4, "LoadImage", ["b.png", "image"]),
+        _node(5, "PickCombo", ["y", "increment", "", 0.5]),
+    ], "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 1, 0, 3, 0, "MODEL"]]}
+    api = convert(wf, INFO)
+    assert api["2"]["inputs"] == {"seed": 599575228983496, "steps": 20, "cfg": 6, "sampler_name": "euler",
+                                  "scheduler": "normal", "denoise": 1, "model": ["1", 0]}
+    assert api["3"]["inputs"] == {"seed": 7, "flag": False, "mode": "b", "noise_seed": 5, "model": ["1", 0]}
+    assert api["4"]["inputs"] == {"image": "b.png"}
+    assert api["5"]["inputs"] == {"choice": "y", "strength": 0.5}
+
+
+def test_reroutes_are_followed_notes_dropped_primitives_inlined():
+    wf = {"nodes": [
+        _node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+        {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}],
+         "outputs": [{"name": "", "type": "MODEL", "links": [2]}]},
+        {"id": 3, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 2}],
+         "outputs": [{"name": "", "type": "MODEL", "links": [3]}]},
+        {"id": 4, "type": "Note", "mode": 0, "inputs": [], "outputs": [], "widgets_values": ["read me"]},
+        {"id": 5, "type": "MarkdownNote", "mode": 0, "inputs": [], "outputs": [], "widgets_values": ["# read me"]},
+        {"id": 6, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [1234, "fixed"],
+         "outputs": [{"name": "INT", "type": "INT", "widget": {"name": "seed"}, "links": [4]}]},
+        _node(7, "KSampler", [1, "fixed", 2, 7.5, "ddim", "karras", 1.0],
+              [("model", "MODEL", 3, False), ("seed", "INT", 4, True)]),
+    ], "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "*"], [3, 3, 0, 7, 0, "MODEL"], [4, 6, 0, 7, 1, "INT"]]}
+    api = convert(wf, INFO)
+    assert set(api) == {"1", "7"}
+    assert api["7"]["inputs"]["model"] == ["1", 0]
+    assert api["7"]["inputs"]["seed"] == 1234
+    assert api["7"]["inputs"]["sampler_name"] == "ddim"
+
+
+def test_bypassed_nodes_pass_through_and_muted_nodes_drop_out():
+    wf = {"nodes": [
+        _node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+        _node(2, "Trainer", [1, "fixed", True, "a", 0], [("model", "MODEL", 1, False)], mode=4),
+        _node(3, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 2, False)]),
+        _node(4, "Trainer", [1, "fixed", True, "a", 0], [("model", "MODEL", 3, False)], mode=2),
+        _node(5, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 4, False)]),
+    ], "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 1, 0, 4, 0, "MODEL"], [4, 4, 0, 5, 0, "MODEL"]]}
+    api = convert(wf, INFO)
+    assert set(api) == {"1", "3", "5"}
+    assert api["3"]["inputs"]["model"] == ["1", 0]       # through the bypassed node
+    assert "model" not in api["5"]["inputs"]              # its source is muted
+
+
+def test_widget_count_mismatch_is_an_error_naming_the_node():
+    wf = {"nodes": [_node(9, "KSampler", [1, 2, 7.5, "euler", "normal", 1.0])], "links": []}  # no control value
+    with pytest.raises(WorkflowConversionError, match="node 9 \\(KSampler\\)"):
+        convert(wf, INFO)
+    assert convert(wf, INFO, strict=False)["9"]["inputs"]["seed"] == 1
+    with pytest.raises(WorkflowConversionError, match="UnknownNode"):
+        convert({"nodes": [_node(1, "UnknownNode")], "links": []}, INFO)
+
+
+def test_overrides_replace_literals_only():
+    api = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+           "2": {"class_type": "KSampler", "inputs": {"steps": 30, "model": ["1", 0]}},
+           "3": {"class_type": "LipschitzPersonalize", "inputs": {"steps": 1000, "model": ["1", 0]}}}
+    out = apply_overrides(api, small_run_overrides("tiny.safetensors", train_steps=3))
+    assert out["1"]["inputs"]["ckpt_name"] == "tiny.safetensors"
+    assert out["2"]["inputs"] == {"steps": 2, "model": ["1", 0]}
+    assert out["3"]["inputs"] == {"steps": 3, "resolution": 64, "model": ["1", 0]}
+    latents = {"4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 8}},
+               "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}}}
+    small = apply_overrides(latents, small_run_overrides(sample_resolution=32, max_batch=2))
+    assert small["4"]["inputs"] == {"width": 32, "height": 32, "batch_size": 2}
+    assert small["5"]["inputs"]["batch_size"] == 1
+    assert api["2"]["inputs"]["steps"] == 30  # the input is not modified
+    assert apply_overrides(api, {"KSampler": {"model": "x"}})["2"]["inputs"]["model"] == ["1", 0]
+
+
+# --------------------------------------------------------------------------------------------
+# grid node units
+
+
+def test_grid_validates_label_counts_and_names_the_input():
+    rows = [torch.rand(3, 32, 32, 3), torch.rand(3, 32, 32, 3)]
+    with pytest.raises(ValueError, match="row_labels: 3 label\\(s\\) for 2 row"):
+        grid.make_grid(rows, ["a", "b", "c"], ["x", "y", "z"])
+    with pytest.raises(ValueError, match="column_labels: 2 label\\(s\\) for 3 column"):
+        grid.make_grid(rows, ["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match="row_labels"):
+        grid.LipschitzLabeledGrid.execute(rows[0], row_labels="a\nb", column_labels="", images_2=None)
+
+
+def test_grid_layout_resizes_rows_and_draws_labels_on_white():
+    first, second = torch.zeros(2, 64, 48, 3), torch.ones(2, 32, 32, 4)  # other size, RGBA
+    out = grid.make_grid([first, second], grid.parse_labels("lambda 0\nlambda 500\n"),
+                         grid.parse_labels("cat\n\ndog"), "title")
+    assert out.dtype == torch.float32 and out.shape[0] == 1 and out.shape[-1] == 3
+    _, h, w, _ = out.shape
+    assert w > 2 * 48 and h > 2 * 64                            # label strips around 2x2 cells of 64x48
+    img = out[0].numpy()
+    assert img[0, 0].tolist() == [1.0, 1.0, 1.0]                 # white background
+    assert (img[-64:, -48:] == 1.0).all()                        # second row resized to the first's cells
+    assert (img[-128:-64, -48:] == 0.0).all()
+    assert (img[:h - 128] < 0.5).any()                           # some text was drawn above the cells
+    bare = grid.make_grid([first], [], [])                       # no labels: just the cells
+    assert tuple(bare.shape) == (1, 64, 96, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# shipped workflows on a real server
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    install_subject(comfy_server.input_dir)
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.client.object_info()
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _small(api: dict) -> dict:
+    return apply_overrides(api, small_run_overrides(CKPT, train_steps=2, resolution=RES, sample_steps=1,
+                                                     sample_resolution=SAMPLE_RES, max_batch=2))
+
+
+def _run_ok(server, api: dict):
+    result = server.client.run(api, timeout=600)
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
+    return result
+
+
+def _image_path(server, img: dict) -> Path:
+    folder = server.output_dir if img.get("type", "output") == "output" else server.base_dir / img["type"]
+    return folder / img.get("subfolder", "") / img["filename"]
+
+
+def _check_outputs(server, api: dict, object_info: dict, result) -> None:
+    """Every output node of ``api`` wrote what it should."""
+    outs = output_nodes(api, object_info)
+    assert outs, "a workflow without output nodes does nothing"
+    for nid in outs:
+        node = api[nid]
+        if node["class_type"] == "CheckpointSave":  # writes a file, reports nothing to the UI
+            prefix = Path(node["inputs"]["filename_prefix"])
+            files = list((server.output_dir / prefix.parent).glob(prefix.name + "*.safetensors"))
+            assert files, f"CheckpointSave {nid} wrote no {prefix}*.safetensors"
+            continue
+        ui = result.outputs.get(nid)
+        assert ui, f"output node {nid} ({node['class_type']}) produced nothing"
+        assert ui.get("images") or ui.get("text"), ui
+        for img in ui.get("images") or []:
+            path = _image_path(server, img)
+            assert path.is_file(), path
+            with Image.open(path) as im:
+                size = im.size
+            src = node["inputs"].get("images")
+            if isinstance(src, list) and api[src[0]]["class_type"] == "LipschitzLabeledGrid":
+                g = api[src[0]]["inputs"]
+                rows = sum(1 for k, v in g.items() if k.startswith("images_") and isinstance(v, list))
+                cols = len(grid.parse_labels(g["column_labels"]))
+                assert size[0] > cols * SAMPLE_RES and size[1] > rows * SAMPLE_RES, (size, rows, cols)
+
+
+def test_workflow_templates_route_lists_the_shipped_files(server):
+    listed = server.client.get("/workflow_templates")
+    assert sorted(listed[PACK_DIR_NAME]) == sorted(p.stem for p in WORKFLOWS)
+    served = server.client.get(f"/api/workflow_templates/{PACK_DIR_NAME}/compare_lambda.json")
+    assert served == _load(REPO / "workflows" / "compare_lambda.json")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflow_is_well_formed(path, object_info):
+    """What the frontend relies on: link table and slots agree, known node types, a Note."""
+    wf = _load(path)
+    assert wf["version"] == 0.4 and isinstance(wf["groups"], list)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
+    assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id, link_id
+        assert out["type"] == typ and inp["type"] in (typ, "*"), (link_id, out, inp)
+    for n in wf["nodes"]:
+        assert {"id", "type", "pos", "size", "mode", "inputs", "outputs", "properties"} <= set(n), n["id"]
+        assert n["type"] in object_info or n["type"] in ("Note", "PrimitiveNode"), n["type"]
+        for inp in n["inputs"]:
+            assert inp["link"] is None or any(l[0] == inp["link"] for l in wf["links"])
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+    assert notes and all(w in notes[0] for w in ("sks", "input/dog", "v1-5-pruned-emaonly.safetensors"))
+    ckpts = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert ckpts == ["v1-5-pruned-emaonly.safetensors"]
+    for n in wf["nodes"]:
+        if n["type"] == "LipschitzPersonalize":
+            api = widget_inputs(n, object_info["LipschitzPersonalize"])
+            assert (api["steps"], api["learning_rate"], api["seed"], api["resolution"]) == (1000, 2e-6, 2025, 512)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflow_runs_on_the_server(server, object_info, path):
+    api = _small(convert(_load(path), object_info))
+    result = _run_ok(server, api)
+    _check_outputs(server, api, object_info, result)
+    # Each fine-tune trained (or loaded a finished run from disk) to the end, or was cached.
+    for nid, n in api.items():
+        if n["class_type"] != "LipschitzPersonalize":
+            continue
+        bar = [m["data"] for m in result.messages if m.get("type") == "progress" and m["data"].get("node") == nid]
+        assert nid in result.cached_nodes or (bar and bar[-1]["value"] == bar[-1]["max"] == 2), (nid, bar)
+
+
+def test_export_step_two_reapplies_the_saved_delta(server, object_info):
+    """personalize_and_export: run step 1 as shipped, then do what its Note says (pick the saved
+    delta in Apply Lipschitz Delta, unmute step 2) and run again."""
+    wf = _load(REPO / "workflows" / "personalize_and_export.json")
+    step1 = _small(convert(wf, object_info))
+    assert "LipschitzApplyDelta" not in {n["class_type"] for n in step1.values()}  # muted as shipped
+    first = _run_ok(server, step1)
+    save_id = next(nid for nid, n in step1.items() if n["class_type"] == "LipschitzSaveDelta")
+    saved = first.outputs[save_id]["text"][0].split("/")[-1]
+    assert (server.base_dir / "models" / "lipschitz_deltas" / saved).is_file()
+
+    for n in wf["nodes"]:
+        if n["mode"] == 2:
+            n["mode"] = 0
+        if n["type"] == "LipschitzApplyDelta":
+            n["widgets_values"][0] = saved
+    step2 = _small(convert(wf, object_info))
+    assert "LipschitzApplyDelta" in {n["class_type"] for n in step2.values()}
+    second = _run_ok(server, step2)
+    _check_outputs(server, step2, object_info, second)
+    previews = {n["_meta"]["title"]: nid for nid, n in step2.items() if n["class_type"] == "SaveImage"}
+    trained = np.asarray(Image.open(_image_path(server, second.outputs[previews["preview: trained model"]]["images"][0])), dtype=np.int16)
+    reapplied = np.asarray(Image.open(_image_path(server, second.outputs[previews["preview: re-applied delta"]]["images"][0])), dtype=np.int16)
+    assert trained.shape == reapplied.shape and np.abs(trained - reapplied).max() <= 2
