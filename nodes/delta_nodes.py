@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from . import comfy_adapter as adapter
 from .comfy_adapter import NodeInputError
-from .delta_store import FOLDER, Delta, check_shapes, delta_dir, delta_files, load_delta_file, next_free, save_delta
+from .delta_store import FOLDER, Delta, delta_dir, delta_files, load_delta_file, next_free, save_delta
 from .types import DeltaType
 
 
@@ -52,9 +52,8 @@ class LipschitzApplyDelta(io.ComfyNode):
             raise NodeInputError("delta_file", f"{delta_file!r} is not a .safetensors file in models/{FOLDER}",
                                  "Pick a file from the list (press R to refresh it)")
         path = delta_dir() / delta_file
-        params = {n: p.shape for n, p in model.model.diffusion_model.named_parameters()}
-        delta, _, _ = load_delta_file(path, list(params))
-        check_shapes(delta, params)
+        shapes = {n: tuple(p.shape) for n, p in model.model.diffusion_model.named_parameters()}
+        delta, _, _ = load_delta_file(path, shapes)
         trained_on = delta.meta.get("base_fingerprint")
         if trained_on and trained_on != adapter.fingerprint(adapter.load_for_reading(model)):
             raise NodeInputError("model", f"{delta_file} was trained on a different base model ({trained_on})",

@@ -17,11 +17,11 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 import folder_paths
@@ -35,12 +35,22 @@ PACK_VERSION = "0.1.0"
 FORMAT = "lipschitz-delta/1"
 
 
+STALE_TMP_SECONDS = 600
+
+
 def delta_dir() -> Path:
-    """``models/lipschitz_deltas`` registered with ComfyUI (safetensors only)."""
+    """``models/lipschitz_deltas`` registered with ComfyUI (safetensors only).
+
+    On first use in a process, temporary files that a killed writer left behind (never
+    loadable, up to a few hundred MB each) are removed once they are clearly abandoned.
+    """
     path = Path(folder_paths.models_dir) / FOLDER
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([str(path)], {".safetensors"})
-    path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+        for tmp in path.glob(".*.tmp"):
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink(missing_ok=True)
     return path
 
 
@@ -114,8 +124,8 @@ def save_delta(path: Path, delta: Delta, extra: dict[str, Tensor] | None = None,
     return save_verified(path, {**delta.file_tensors(), **(extra or {})}, meta)
 
 
-def load_delta_file(path: Path, names: list[str]) -> tuple[Delta, dict[str, Tensor], TrainingLog | None]:
-    """Load a delta for a U-Net with parameters ``names``; wrong keys/shapes are refused.
+def load_delta_file(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Delta, dict[str, Tensor], TrainingLog | None]:
+    """Load a delta for a U-Net whose parameters have ``shapes``; wrong keys/shapes are refused.
 
     Returns the delta, the non-delta tensors (a partial run's resume state) and its log.
     """
@@ -123,7 +133,7 @@ def load_delta_file(path: Path, names: list[str]) -> tuple[Delta, dict[str, Tens
         tensors, meta = load_verified(path)
     except CorruptFileError as exc:
         raise NodeInputError("delta_file", str(exc), "Delete the file and train again") from exc
-    by_key = {file_key(n): n for n in names}
+    by_key = {file_key(n): n for n in shapes}
     delta = {by_key[k]: t.float() for k, t in tensors.items() if k in by_key}
     extra = {k: t for k, t in tensors.items() if k not in by_key}
     unknown = [k for k in extra if k.startswith("diffusion_model.")]
@@ -131,6 +141,11 @@ def load_delta_file(path: Path, names: list[str]) -> tuple[Delta, dict[str, Tens
         raise NodeInputError("delta_file", f"{path.name} has keys this U-Net does not have (e.g. {unknown[:2]})"
                              if unknown else f"{path.name} holds no U-Net delta",
                              "Use a delta trained on an SD1.5 model with this pack")
+    for name, t in delta.items():
+        if tuple(t.shape) != tuple(shapes[name]):
+            raise NodeInputError("delta_file", f"{path.name}: tensor {name} has shape {tuple(t.shape)}, "
+                                 f"the model has {tuple(shapes[name])}",
+                                 "Use a delta trained on this SD1.5 architecture")
     log = TrainingLog.from_json(meta["training_log"]) if "training_log" in meta else None
     return Delta(delta, meta), extra, log
 
@@ -149,11 +164,3 @@ def next_free(prefix: str) -> Path:
         n += 1
     return folder / f"{base}_{n:05d}.safetensors"
 
-
-def check_shapes(delta: Delta, params: dict[str, torch.Size]) -> None:
-    for name, t in delta.tensors.items():
-        if name not in params:
-            raise NodeInputError("delta", f"tensor {name} does not exist in this model", "Apply the delta to an SD1.5 model")
-        if tuple(t.shape) != tuple(params[name]):
-            raise NodeInputError("delta", f"tensor {name} has shape {tuple(t.shape)}, the model has {tuple(params[name])}",
-                                 "Apply the delta to the SD1.5 architecture it was trained on")

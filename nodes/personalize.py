@@ -243,11 +243,11 @@ def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, clas
             job.wait()
         except BaseException:  # noqa: BLE001 - the first error is the one to report
             pass
+        state = "interrupted" if isinstance(exc, comfy.model_management.InterruptProcessingException) else "failed"
         if trainer.step_count > start_step:
-            stopped = isinstance(exc, comfy.model_management.InterruptProcessingException)
-            saved = save(partial_path(key), "interrupted" if stopped else "failed")
+            saved = save(partial_path(key), state)
             log.warning("LipschitzPersonalize: stopped at step %d; saved %s", saved.steps_done, partial_path(key).name)
-        progress.finish("interrupted")
+        progress.finish(state)
         raise
     if outcome.status == "cancelled":
         save(partial_path(key), "interrupted")

@@ -2,7 +2,7 @@
 
 A training run is half an hour of someone's GPU: a file we write is either complete or
 absent (temporary file in the same folder, fsync, rename), and carries a SHA-256 of its
-tensors in its metadata, so a truncated or altered file is refused instead of loaded.  No
+tensors and metadata in its metadata, so a truncated or altered file is refused instead of loaded.  No
 pickle anywhere.  :func:`flatten_trainer_state` turns a trainer's resume state (deltas, Adam
 moments, generator) into plain named tensors for the same format.
 """
@@ -27,9 +27,12 @@ class CorruptFileError(ValueError):
     """The file is not a complete safetensors file written by us, or its content changed."""
 
 
-def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in key order."""
+def digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over the metadata (but the checksum itself) and the tensors' names, dtypes,
+    shapes and bytes, in key order: an edited ``steps_done`` is as corrupt as an edited weight."""
     h = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    h.update(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -43,7 +46,7 @@ def save_verified(path: str | os.PathLike, tensors: Mapping[str, Tensor], metada
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in metadata.items()}
-    meta[CHECKSUM_KEY] = tensors_digest(tensors)
+    meta[CHECKSUM_KEY] = digest(tensors, meta)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -78,8 +81,8 @@ def load_verified(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
     expected = meta.get(CHECKSUM_KEY)
     if expected is None:
         raise CorruptFileError(f"{path.name} has no {CHECKSUM_KEY} checksum: not written by this pack")
-    if tensors_digest(tensors) != expected:
-        raise CorruptFileError(f"{path.name} is corrupted: its tensors do not match their checksum")
+    if digest(tensors, meta) != expected:
+        raise CorruptFileError(f"{path.name} is corrupted: its content does not match its checksum")
     return tensors, meta
 
 

@@ -1,0 +1,244 @@
+"""Faults through a real ComfyUI server: interrupts, NaN, exceptions, resume, back-to-back runs.
+
+The module's own server has the test-only fault pack linked in (tests/fault_pack): a hook that
+raises or returns NaN inside the training thread, the base U-Net hash, and the process's
+resident memory and live Python threads.  Nothing of it ships with the pack.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import time
+
+import pytest
+import torch
+
+from fault_pack.harness import check_prompt, file_unet_hash, make_server, process_info, rss_bytes
+from graphs import CKPT, DATA, RES, personalize_inputs
+from trainer.persist import load_verified, read_metadata
+
+TRAIN_THREAD = "lipschitz-train"
+COUNTS = {"interrupts": 0, "nan": 0, "exceptions": 0, "resumes": 0, "back_to_back": 0, "files_checked": 0}
+
+
+pytestmark = pytest.mark.server  # starts its own ComfyUI (skipped by -m "not server")
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny_ckpt):
+    base = tmp_path_factory.mktemp("rel_faults")
+    server = make_server(base / "comfy", tiny_ckpt)
+    (server.input_dir / "dog").mkdir()
+    for f in sorted((DATA / "dog").glob("*.jpg"))[:2]:
+        shutil.copy(f, server.input_dir / "dog" / f.name)
+    server.expected_hash = file_unet_hash(tiny_ckpt)
+    server.deltas = server.base_dir / "models" / "lipschitz_deltas"
+    with server:
+        yield server
+    print(f"\n[reliability faults] {COUNTS}")
+
+
+def _graph(seed: int, steps: int, fault: dict | None = None, **overrides) -> dict:
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+             "refs": {"class_type": "LipschitzLoadReferenceImages", "inputs": {"folder": "dog", "resolution": RES, "crop": "center"}},
+             "train": {"class_type": "LipschitzPersonalize",
+                       "inputs": personalize_inputs(steps=steps, seed=seed, gradient_checkpointing=False, **overrides)},
+             "sink": {"class_type": "LipschitzTestSink", "inputs": {"delta": ["train", 1]}}}
+    if fault is not None:
+        graph["fault"] = {"class_type": "LipschitzTestFaultHook", "inputs": {"model": ["ckpt", 0], "module": "out.2", **fault}}
+        graph["train"]["inputs"]["model"] = ["fault", 0]
+    return graph
+
+
+def _files(server, prefix: str) -> set:
+    return set(server.deltas.glob(f"{prefix}_*.safetensors"))
+
+
+def _delta_tensors(path) -> dict[str, torch.Tensor]:
+    tensors, _ = load_verified(path)
+    COUNTS["files_checked"] += 1
+    return {k: v for k, v in tensors.items() if k.startswith("diffusion_model.")}
+
+
+def _check_resume_state(path, steps_done: int) -> None:
+    """The partial file holds the delta, Adam's moments for every tensor and the generator."""
+    tensors, meta = load_verified(path)
+    COUNTS["files_checked"] += 1
+    deltas = [k for k in tensors if k.startswith("diffusion_model.")]
+    assert deltas and int(meta["steps_done"]) == steps_done
+    for moment in ("exp_avg", "exp_avg_sq", "step"):
+        assert sum(k.startswith(f"adam.{moment}.") for k in tensors) == len(deltas), moment
+    assert "generator" in tensors and int(meta["step"]) == steps_done
+    assert all(torch.isfinite(tensors[k]).all() for k in deltas)
+
+
+def _after_run(server, rss_before: int | None = None) -> dict:
+    check = check_prompt(server.client, CKPT)  # also: the next prompt works
+    assert check["hash"] == server.expected_hash, "the base U-Net changed"
+    assert TRAIN_THREAD not in check["threads"], f"a training thread survived: {check['threads']}"
+    if rss_before is not None:
+        assert check["rss"] <= rss_before * 1.10, (
+            f"memory did not come back: {rss_before / 2**20:.0f} -> {check['rss'] / 2**20:.0f} MiB")
+    return check
+
+
+def _interrupted_run(server, graph: dict, at_step: int):
+    seen: list[int] = []
+
+    def on_message(msg):
+        if msg.get("type") == "lipschitz.progress":
+            seen.append(msg["data"]["step"])
+            if msg["data"]["step"] == at_step:
+                server.client.interrupt()
+
+    result = server.client.run(graph, timeout=600, on_message=on_message)
+    return result, seen
+
+
+def test_interrupts_at_random_steps(srv):
+    rng = random.Random(2025)
+    warm = srv.client.run(_graph(seed=1, steps=1), timeout=600)  # first load, allocator warm-up
+    assert warm.status == "success", warm.error
+    baseline = _after_run(srv)["rss"]
+    runs = []
+    for i in range(10):
+        k = rng.randint(1, 4)
+        before_files = _files(srv, "partial")
+        rss_before = runs[-1][3] if runs else baseline  # measured by the check after the previous run
+        result, seen = _interrupted_run(srv, _graph(seed=100 + i, steps=500), k)
+        assert result.status == "interrupted", (result.status, result.error)
+        assert seen and max(seen) <= k + 2, f"run {i}: interrupt at {k}, trained to {max(seen)}"
+        (partial,) = _files(srv, "partial") - before_files
+        meta = read_metadata(partial)
+        done = int(meta["steps_done"])
+        assert meta["status"] == "interrupted" and k <= done <= k + 2, (k, meta["status"], done)
+        _check_resume_state(partial, done)
+        check = _after_run(srv, rss_before)
+        runs.append((k, done, rss_before, check["rss"]))
+        partial.unlink()
+        COUNTS["interrupts"] += 1
+    print("\n[interrupts] (k, steps_done, rss_before_MiB, rss_after_MiB):",
+          [(k, d, b >> 20, a >> 20) for k, d, b, a in runs])
+    assert COUNTS["interrupts"] == 10
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_delta(srv):
+    before = _files(srv, "partial")
+    result = srv.client.run(_graph(seed=41, steps=50, fault={"mode": "nan", "at_call": 3}), timeout=600)
+    COUNTS["nan"] += 1
+    assert result.status == "error"
+    message = result.error["exception_message"]
+    assert "diverged" in message and "step 3" in message and "lower the learning rate" in message, message
+    assert [e["step"] for e in result.events("lipschitz.progress")] == [1, 2]
+    (partial,) = _files(srv, "partial") - before
+    assert partial.name in message
+    meta = read_metadata(partial)
+    assert meta["status"] == "diverged" and meta["steps_done"] == "2"
+    _check_resume_state(partial, 2)
+    _after_run(srv)
+    # The kept delta is exactly the one two clean steps give.
+    done_before = _files(srv, "auto")
+    clean = srv.client.run(_graph(seed=41, steps=2), timeout=600)
+    assert clean.status == "success", clean.error
+    (auto,) = _files(srv, "auto") - done_before
+    kept, reference = _delta_tensors(partial), _delta_tensors(auto)
+    assert kept.keys() == reference.keys() and all(torch.equal(kept[k], reference[k]) for k in kept)
+    partial.unlink()
+
+
+def test_an_exception_in_the_training_thread_reaches_the_ui_with_its_cause(srv):
+    before = _files(srv, "partial")
+    result = srv.client.run(_graph(seed=42, steps=50, fault={"mode": "raise", "at_call": 3}), timeout=600)
+    COUNTS["exceptions"] += 1
+    assert result.status == "error"
+    err = result.error
+    assert err["exception_type"].endswith("RuntimeError"), err["exception_type"]
+    assert "injected fault at training forward call 3" in err["exception_message"]
+    assert any("fault_pack" in frame for frame in err["traceback"]), "the worker's traceback is lost"
+    assert err["node_type"] == "LipschitzPersonalize"
+    (partial,) = _files(srv, "partial") - before
+    meta = read_metadata(partial)
+    assert meta["status"] == "failed" and meta["steps_done"] == "2"
+    _check_resume_state(partial, 2)
+    _after_run(srv)
+    partial.unlink()
+
+
+def test_resume_after_an_interrupt_is_bitwise_the_uninterrupted_run(srv):
+    steps, seed = 6, 43
+    graph = _graph(seed=seed, steps=steps)
+    before = _files(srv, "auto")
+    straight = srv.client.run(graph, timeout=600)
+    assert straight.status == "success", straight.error
+    (auto,) = _files(srv, "auto") - before
+    reference = _delta_tensors(auto)
+    auto.unlink()  # else the finished run would be loaded from disk instead of retrained
+    check_prompt(srv.client, CKPT)  # and the in-memory cache forgets it
+
+    partials = _files(srv, "partial")
+    result, seen = _interrupted_run(srv, graph, at_step=2)
+    assert result.status == "interrupted"
+    (partial,) = _files(srv, "partial") - partials
+    done = int(read_metadata(partial)["steps_done"])
+    assert 2 <= done < steps
+
+    resumed = srv.client.run(_graph(seed=seed, steps=steps, resume=True), timeout=600)
+    COUNTS["resumes"] += 1
+    assert resumed.status == "success", resumed.error
+    assert [e["step"] for e in resumed.events("lipschitz.progress")] == list(range(done + 1, steps + 1))
+    again = _delta_tensors(auto)
+    assert again.keys() == reference.keys()
+    assert all(torch.equal(again[k], reference[k]) for k in reference), "resume is not bitwise the straight run"
+    assert not partial.exists(), "the partial file is removed once the run completes"
+    assert read_metadata(auto)["steps_done"] == str(steps)
+    _after_run(srv)
+
+
+def test_twenty_personalizations_queued_back_to_back_with_sampling_between(srv):
+    client = srv.client
+    # A short sampling job of the base model (one text encode, one KSampler step), then the
+    # server's resident memory.
+    sampler = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+               "text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of a dog"}},
+               "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": RES, "height": RES, "batch_size": 1}},
+               "ks": {"class_type": "KSampler", "inputs": {
+                   "model": ["ckpt", 0], "positive": ["text", 0], "negative": ["text", 0], "latent_image": ["lat", 0],
+                   "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+               "proc": {"class_type": "LipschitzTestProcess", "inputs": {"after": ["ks", 0]}}}
+    before = _files(srv, "auto")
+    start = time.monotonic()
+    ids = []
+    for i in range(21):  # the first pair warms up the sampling path: it is the memory baseline
+        ids.append(("train", client.queue(_graph(seed=300 + i, steps=2))))
+        ids.append(("sample", client.queue(sampler)))
+    histories = {}
+    deadline = time.monotonic() + 900
+    while len(histories) < len(ids):
+        assert time.monotonic() < deadline, f"only {len(histories)}/{len(ids)} prompts finished"
+        for _, pid in ids:
+            if pid not in histories:
+                h = client.history(pid)
+                if h.get("status", {}).get("completed") is not None or h.get("status", {}).get("status_str"):
+                    histories[pid] = h
+        time.sleep(0.5)
+    elapsed = time.monotonic() - start
+    failed = [(kind, h["status"]) for kind, pid in ids if (h := histories[pid])["status"]["status_str"] != "success"]
+    assert not failed, failed
+    steps = [int(histories[pid]["outputs"]["sink"]["text"][0]) for kind, pid in ids if kind == "train"]
+    assert steps == [2] * 21
+    assert len(_files(srv, "auto") - before) == 21
+    rss = [process_info(histories[pid]["outputs"]["proc"]["text"])["rss"] for kind, pid in ids if kind == "sample"]
+    COUNTS["back_to_back"] = 20
+    print(f"\n[back-to-back] {len(ids)} prompts in {elapsed:.0f}s; RSS MiB after each sampling job "
+          f"(warm-up first): {[r >> 20 for r in rss]}")
+    mib = [r >> 20 for r in rss]
+    assert max(rss[1:]) <= rss[0] * 1.10, f"memory grew beyond 10% of the warmed-up level: {mib} MiB"
+    assert all(b <= a * 1.10 for a, b in zip(rss, rss[1:])), f"memory grew >10% in one run: {mib} MiB"
+    first, last = sum(rss[1:6]) / 5, sum(rss[-5:]) / 5
+    assert last <= first * 1.05, f"memory creeps up over the 20 runs (a leak): {mib} MiB"
+    for path in _files(srv, "auto") - before:
+        _delta_tensors(path)
+        path.unlink()
+    _after_run(srv)
+    assert TRAIN_THREAD not in check_prompt(client, CKPT)["threads"]
+    assert rss_bytes(srv.proc.pid) > 0
