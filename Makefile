@@ -40,3 +40,12 @@ test: venv comfyui tiny-ckpt browser-deps
 
 demo: venv comfyui tiny-ckpt
 	$(VPY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
+
+# Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure.
+# bench-gpu: SD1.5-shaped U-Net at 512 px on CUDA; exits non-zero without a CUDA device.
+.PHONY: bench bench-gpu
+bench: venv comfyui tiny-ckpt
+	$(VPY) tools/bench.py $(BENCH_ARGS)
+
+bench-gpu: venv comfyui
+	$(VPY) tools/bench_gpu.py $(BENCH_ARGS)

@@ -164,23 +164,6 @@ class LipschitzPersonalize(io.ComfyNode):
         return io.NodeOutput(adapter.patched_model(model, delta.tensors), delta, training_log)
 
 
-def _rewind_generator_on_error(trainer: RegularizedTrainer) -> None:
-    """A step that raises (an interrupt inside a U-Net forward, an error) has already drawn its
-    data, timestep and noise; put the generator back to where the last completed step left it,
-    so that the saved resume state continues bitwise like an uninterrupted run."""
-    step = trainer.step
-
-    def guarded():
-        state = trainer.generator.get_state()
-        try:
-            return step()
-        except BaseException:
-            trainer.generator.set_state(state)
-            raise
-
-    trainer.step = guarded
-
-
 def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, class_cond, config: TrainConfig,
            gradient_checkpointing: bool, batch_size: int, resume: bool, key: str, meta: dict[str, str],
            label: str, progress: NodeProgress) -> tuple[Delta, TrainingLog]:
@@ -210,7 +193,6 @@ def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, clas
         elif resume:
             progress.text("resume: no stopped run of these settings was found; training from step 0")
     start_step = trainer.step_count
-    _rewind_generator_on_error(trainer)
     job = TrainingJob(trainer).start()
 
     def save(path, status: str) -> Delta:

@@ -181,3 +181,28 @@ def test_base_weights_are_never_written():
     _run(trainer)
     assert _equal(before, model.state_dict())
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # torch's default, left as it was
+    assert all(p.grad is None for p in model.parameters()), "the base got gradients written onto it"
+
+
+def test_resume_after_a_step_that_raised_mid_forward_is_bitwise_identical():
+    """An interrupt lands inside a step that already drew its noise: the saved state must not
+    be one draw ahead."""
+    _, full = _trainer(steps=8)
+    _run(full)
+    model, broken = _trainer(steps=8)
+
+    def interrupted(x, t, c):
+        if broken.step_count == 3:
+            raise KeyboardInterrupt("interrupt inside the U-Net forward")
+        return model(x, t, c)
+
+    broken.model_fn = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        TrainingJob(broken).start().wait(30)
+    state = broken.state_dict()
+    _, resumed = _trainer(steps=8)
+    resumed.load_state_dict(state)
+    resumed.load_state_dict(state)  # loading the same state twice must not share Adam's tensors
+    _run(resumed)
+    assert _equal(full.delta.state_dict(), resumed.delta.state_dict())

@@ -40,8 +40,10 @@ class ParameterDelta:
         }
         if not self.base:
             raise ValueError("no parameter selected for training")
+        # zeros_like keeps the base's memory format (channels_last stays channels_last, so
+        # ``base + delta`` does not silently convert); for contiguous bases it is torch.zeros.
         self.delta: dict[str, Tensor] = {
-            name: torch.zeros(p.shape, dtype=torch.float32, device=device or p.device, requires_grad=True)
+            name: torch.zeros_like(p, dtype=torch.float32, device=device or p.device).requires_grad_(True)
             for name, p in self.base.items()
         }
 
@@ -94,6 +96,10 @@ class ParameterDelta:
             d.copy_(state[name])
 
     # -- injection ------------------------------------------------------------------------
+    def summed(self, name: str, base: Tensor) -> Tensor:
+        """``theta0 + delta`` of one tensor, as its layer computes with it (subclasses: low rank)."""
+        return base + self.delta[name]
+
     @contextlib.contextmanager
     def applied(self, checkpoint: Sequence[nn.Module] = ()) -> Iterator[None]:
         """Within the block, ``module`` computes with ``theta0 + delta``.
@@ -106,14 +112,16 @@ class ParameterDelta:
         exception.
         """
         modules = dict(self.module.named_modules())
-        slots: dict[nn.Module, list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
-        for name, d in self.delta.items():
+        slots: dict[nn.Module, list[tuple[str, Tensor, str]]] = defaultdict(list)
+        for name, base in self.base.items():
             owner, _, attr = name.rpartition(".")
-            slots[modules[owner]].append((attr, self.base[name], d))
+            slots[modules[owner]].append((attr, base, name))
 
         def swap_in(mod: nn.Module, _args: object) -> None:
-            for attr, base, d in slots[mod]:
-                mod._parameters[attr] = base + d
+            for attr, base, name in slots[mod]:
+                # detach: a base that requires grad (torch's default for a Parameter) would
+                # otherwise get its own full-size .grad, written onto the shared model.
+                mod._parameters[attr] = self.summed(name, base.detach())
 
         def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
             for attr, base, _ in slots[mod]:

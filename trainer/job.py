@@ -69,6 +69,7 @@ class TrainingJob:
                     metrics = trainer.step()
                     rate = (trainer.step_count - first) / max(time.perf_counter() - started, 1e-9)
                     self._events.put(ProgressEvent(metrics, rate, (total - trainer.step_count) / rate))
+                trainer.finish()  # a sync-free run reports its last step's divergence here
             self._result = JobResult("completed", trainer.step_count)
         except NonFiniteLossError as exc:
             self._result = JobResult("diverged", trainer.step_count, str(exc))
