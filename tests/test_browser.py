@@ -5,12 +5,15 @@ is downloaded at run time (no ``playwright install``). Screenshots and console l
 tests/artifacts/browser/ (git-ignored by a .gitignore written there).
 
 The helpers (launching the browser, collecting console errors, opening the frontend, queueing
-from the page, waiting for the server to be idle) are meant for more browser tests, e.g. opening
-each bundled workflow from the templates browser.
+from the page, waiting for the server to be idle) are shared by the tests: the live chart on a
+small graph, and every bundled workflow opened from the templates browser (``compare_lambda``
+then queued, shrunk, from the page). One chromium and one bare-frontend baseline serve the module.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import random
 import re
 import shutil
@@ -21,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from graphs import CKPT, RES, install_subject
-from tools.comfy_server import ComfyServer, ComfyServerError
+from tools.comfy_server import PACK_DIR_NAME, ComfyServer, ComfyServerError
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -36,6 +40,13 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "browser"
 EXTENSION = "lipschitz.personalize.chart"
 STEPS = 5
 TRAIN_NODE = "3"
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+WORKFLOW_CKPT = "v1-5-pruned-emaonly.safetensors"  # what the shipped workflows name
+TEMPLATE_STEPS = 3  # training steps of each fine-tune when compare_lambda is queued from the page
+TEMPLATE_VIEWPORT = {"width": 1920, "height": 1200}
+# What the frontend shows when a loaded graph names node types the server does not have
+# (missingNodes.oss.title of frontend 1.32.9) or models it cannot find.
+MISSING_TEXTS = ("This workflow has missing nodes", "the following models were not found")
 # Chromium asks for /favicon.ico on some loads and not on others: not a baseline difference.
 ALWAYS_ALLOWED = {"error: Failed to load resource: the server responded with a status of 404 (Not Found) [/favicon.ico]"}
 
@@ -131,6 +142,21 @@ class ConsoleLog:
         return path
 
 
+@contextlib.contextmanager
+def logged_page(context, console_file: str, viewport: dict | None = None):
+    """A new page and its ConsoleLog (attached before any navigation); the log is saved under
+    the artifacts, also when the test fails, and the page closed."""
+    page = context.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
+    log = ConsoleLog().attach(page)
+    try:
+        yield page, log
+    finally:
+        print(f"console: {log.save(artifact_dir() / console_file)}")
+        page.close()
+
+
 def open_frontend(page, url: str, settle: float = 2.0, timeout: float = 120.0) -> None:
     """Load the ComfyUI frontend and wait until the app, its graph and canvas exist."""
     page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
@@ -147,14 +173,15 @@ def wait_for_app(page, timeout: float = 120.0) -> None:
 
 
 def dismiss_dialogs(page, wait: float = 5.0) -> None:
-    """Close what a fresh profile opens on start (the templates browser), once it is shown."""
+    """Close what a fresh profile opens on start (the templates browser), once it is shown, and
+    whatever else is open (topmost first)."""
     dialogs = page.locator(".p-dialog:visible")
     with contextlib.suppress(sync_api.TimeoutError):
         dialogs.first.wait_for(state="visible", timeout=wait * 1000)
     for _ in range(5):
         if not dialogs.count():
             return
-        close = dialogs.first.locator("button:visible:has(i.pi-times), button:visible[aria-label='Close'], "
+        close = dialogs.last.locator("button:visible:has(i.pi-times), button:visible[aria-label='Close'], "
                                        "button:visible.p-dialog-close-button")
         if close.count():
             close.first.click()
@@ -180,6 +207,11 @@ def queue_from_page(page, api_graph: dict, name: str = "lipschitz_browser_test")
     """Load an API-format graph into the page and queue it from there (so the websocket events
     go to this page's client id); returns the prompt id."""
     page.evaluate("([g, n]) => window.app.loadApiJson(g, n)", [api_graph, name])
+    return queue_loaded(page)
+
+
+def queue_loaded(page) -> str:
+    """Queue the graph the page shows (as the Run button does); returns the prompt id."""
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST",
                               timeout=60_000) as resp:
         page.evaluate("() => window.app.queuePrompt(0, 1)")
@@ -227,6 +259,63 @@ def screenshot(page, name: str) -> Path:
     page.screenshot(path=str(path))
     print(f"screenshot: {path}")
     return path
+
+
+def open_templates_browser(page, timeout: float = 30.0):
+    """The workflow templates dialog, opened from the sidebar's Templates button (a fresh server
+    opens it by itself on the first load); returns its locator."""
+    dialog = page.locator(".p-dialog:visible").filter(has=page.locator("[data-testid='template-workflows-content']"))
+    if not dialog.count():
+        page.locator("button.templates-tab-button").click()
+    dialog.wait_for(state="visible", timeout=timeout * 1000)
+    return dialog
+
+
+def open_pack_template(page, stem: str, n_nodes: int, timeout: float = 60.0) -> None:
+    """Click our pack's section of the templates browser, then the card of ``stem``; wait until
+    its graph is the active workflow."""
+    dialog = open_templates_browser(page)
+    dialog.get_by_text(PACK_DIR_NAME, exact=True).first.click()  # the section in the side nav
+    card = dialog.locator(f"[data-testid='template-workflow-{stem}']")
+    card.wait_for(state="visible", timeout=timeout * 1000)
+    card.click()
+    dialog.wait_for(state="hidden", timeout=timeout * 1000)
+    page.wait_for_function("([stem, n]) => { const w = window.app.extensionManager.workflow.activeWorkflow;"
+                           " return !!w && w.filename === stem && window.app.graph._nodes.length === n; }",
+                           arg=[stem, n_nodes], timeout=timeout * 1000)
+
+
+def missing_warnings(page, wait: float = 1.5) -> list[str]:
+    """Lines of the page that say nodes or models are missing (the dialog comes a moment after
+    the graph), and the texts of error toasts."""
+    page.wait_for_timeout(wait * 1000)
+    lines = [line.strip() for line in page.locator("body").inner_text().splitlines()]
+    found = [line for line in lines if any(t.lower() in line.lower() for t in MISSING_TEXTS)]
+    toasts = page.locator(".p-toast-message-error:visible")
+    return found + [f"toast: {toasts.nth(i).inner_text()}" for i in range(toasts.count())]
+
+
+def graph_summary(page) -> dict:
+    return page.evaluate("""() => {
+        const nodes = window.app.graph._nodes;
+        return {
+            types: nodes.map(n => n.type),
+            unregistered: nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type),
+            errors: nodes.filter(n => n.has_errors).map(n => `${n.id} ${n.type}`),
+            // combo values the server does not offer, on nodes that run (mode 0)
+            combos: nodes.filter(n => n.mode === 0).flatMap(n => (n.widgets || []).filter(w => w.type === "combo"
+                && Array.isArray(w.options && w.options.values) && !w.options.values.includes(w.value))
+                .map(w => `${n.id} ${n.type}.${w.name}=${w.value}`)),
+        };
+    }""")
+
+
+def fit_view(page) -> None:
+    """The whole graph in the view, with titles and widgets drawn at any zoom."""
+    page.evaluate("() => { window.app.canvas.min_font_size_for_lod = 0; }")  # this page only
+    page.get_by_role("button", name="Fit View").click()
+    page.mouse.move(page.viewport_size["width"] // 2, page.viewport_size["height"] - 10)
+    page.wait_for_timeout(500)
 
 
 def train_and_sample_graph(seed: int) -> dict:
@@ -280,13 +369,26 @@ def test_status_route_is_read_only_and_validates_the_node_id(comfy_server):
         client.post("/lipschitz/status", {})
 
 
-def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, tmp_path):
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> set[str]:
+    """The stock frontend's console errors, measured once for the module (before ``browser``)."""
     t0 = time.monotonic()
-    baseline = baseline_console_errors(tmp_path / "bare")
+    keys = baseline_console_errors(tmp_path_factory.mktemp("bare"))
     print(f"baseline console errors ({time.monotonic() - t0:.0f}s):")
-    for key in sorted(baseline):
+    for key in sorted(keys):
         print(f"  {key}")
+    return keys
 
+
+@pytest.fixture(scope="module")
+def browser(baseline):
+    """One chromium context for the module's tests (each test opens and closes its pages)."""
+    with launch_browser() as context:
+        yield context
+
+
+def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, baseline, browser):
+    t0 = time.monotonic()
     install_subject(comfy_server.input_dir)
     client = comfy_server.client
     listed = client.get("/extensions")
@@ -294,9 +396,7 @@ def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, tmp_path)
     assert ours, listed
     print(f"extension scripts: {ours}")
 
-    with launch_browser() as context:
-        page = context.new_page()
-        log = ConsoleLog().attach(page)
+    with logged_page(browser, "console_with_pack.txt") as (page, log):
         status_requests: list[str] = []
         page.on("request", lambda r: "/lipschitz/status" in r.url and status_requests.append(r.url))
 
@@ -342,6 +442,151 @@ def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, tmp_path)
         screenshot(page, "chart_after_reload.png")
 
         extra = log.error_keys() - baseline
-        print(f"console: {log.save(artifact_dir() / 'console_with_pack.txt')}")
         assert not extra, f"console errors beyond the bare frontend's: {sorted(extra)}"
     print(f"browser test took {time.monotonic() - t0:.0f}s")
+
+
+def _shrink_and_reseed(page, seed: int) -> dict:
+    """Make the loaded compare_lambda cheap through its widgets (as a user would edit them):
+    few training steps at 64 px, a new training seed (a new run key, so no finished run is
+    reloaded from disk), 64 px latents, one sampling step. Returns {node type: nodes changed}."""
+    return page.evaluate("""([seed, steps]) => {
+        const changed = {};
+        const set = (n, name, v) => {
+            const w = (n.widgets || []).find(w => w.name === name);
+            if (!w) throw new Error(`${n.type} ${n.id} has no widget ${name}`);
+            w.value = v;
+        };
+        for (const n of window.app.graph._nodes) {
+            if (n.type === "LipschitzPersonalize") {
+                set(n, "steps", steps); set(n, "resolution", 64); set(n, "learning_rate", 1e-4); set(n, "seed", seed);
+            } else if (n.type === "LipschitzLoadReferenceImages") {
+                set(n, "resolution", 64);
+            } else if (n.type === "EmptyLatentImage") {
+                set(n, "width", 64); set(n, "height", 64);
+            } else if (n.type === "KSampler") {
+                set(n, "steps", 1);
+            } else continue;
+            changed[n.type] = (changed[n.type] || 0) + 1;
+        }
+        window.app.graph.setDirtyCanvas(true, true);
+        return changed;
+    }""", [seed, TEMPLATE_STEPS])
+
+
+def test_bundled_workflows_open_from_the_templates_browser_and_compare_lambda_runs(
+        comfy_server, tiny_ckpt, baseline, browser):
+    t0 = time.monotonic()
+    client = comfy_server.client
+    # What the shipped workflows need on the server: their checkpoint name (the tiny one under it)
+    # and the reference photos in input/dog. Before the page loads: the combos come with it.
+    link = comfy_server.checkpoints_dir / WORKFLOW_CKPT
+    if not link.exists():
+        link.symlink_to(tiny_ckpt)
+    install_subject(comfy_server.input_dir)
+    workflows = {p.stem: json.loads(p.read_text()) for p in WORKFLOWS}
+    assert sorted(client.get("/workflow_templates")[PACK_DIR_NAME]) == sorted(workflows)
+    assert [n["type"] for n in workflows["compare_lambda"]["nodes"]].count("LipschitzPersonalize") == 4
+
+    with logged_page(browser, "console_templates.txt", TEMPLATE_VIEWPORT) as (page, log):
+        template_requests: list[tuple[str, int]] = []
+        page.on("response", lambda r: f"/workflow_templates/{PACK_DIR_NAME}/" in r.url
+                and template_requests.append((urllib.parse.urlsplit(r.url).path, r.status)))
+        open_frontend(page, comfy_server.url)
+
+        # The missing-node check sees the frontend's dialog: a graph with an unknown node type.
+        bogus = json.loads(json.dumps(workflows["drift_check"]))
+        bogus["nodes"][1]["type"] = "LipschitzNoSuchNode"
+        page.evaluate("(g) => window.app.loadGraphData(g, true, true, 'missing_node_probe')", bogus)
+        seen = missing_warnings(page)
+        assert any(MISSING_TEXTS[0] in line for line in seen), seen
+        dismiss_dialogs(page)
+
+        # Every bundled workflow, opened by clicking its card in our section of the templates
+        # browser (compare_lambda last: it stays loaded and is queued below).
+        order = sorted(workflows, key=lambda stem: (stem == "compare_lambda", stem))
+        for stem in order:
+            wf = workflows[stem]
+            open_pack_template(page, stem, len(wf["nodes"]))
+            warnings = missing_warnings(page)
+            assert not warnings, f"{stem}: {warnings}"
+            assert not page.locator(".p-dialog:visible").count(), f"{stem}: a dialog opened on load"
+            graph = graph_summary(page)
+            assert collections.Counter(graph["types"]) == collections.Counter(n["type"] for n in wf["nodes"]), stem
+            assert not graph["unregistered"] and not graph["errors"], (stem, graph)
+            assert not graph["combos"], f"{stem}: combo values the server does not offer: {graph['combos']}"
+            fit_view(page)
+            screenshot(page, f"template_{stem}.png")
+            extra = log.error_keys() - baseline
+            assert not extra, f"{stem}: console errors beyond the bare frontend's: {sorted(extra)}"
+        opened = {path.rsplit("/", 1)[-1] for path, status in template_requests if status == 200}
+        assert {f"{stem}.json" for stem in workflows} <= opened, template_requests
+        # The cards ask for <name>.jpg next to each workflow (a 404 is a console error too).
+        thumbs = {path.rsplit("/", 1)[-1]: status for path, status in template_requests if path.endswith(".jpg")}
+        assert thumbs == {f"{stem}.jpg": 200 for stem in workflows}, f"template thumbnails: {thumbs}"
+        print(f"templates opened ({time.monotonic() - t0:.0f}s): {order}")
+
+        # compare_lambda, shrunk through its widgets and queued from the page.
+        seed = random.randrange(1, 2**31)
+        changed = _shrink_and_reseed(page, seed)
+        assert changed == {"LipschitzPersonalize": 4, "LipschitzLoadReferenceImages": 1,
+                           "EmptyLatentImage": 1, "KSampler": 12}, changed
+        t_run = time.monotonic()
+        prompt_id = queue_loaded(page)
+        entry = wait_for_prompt(client, prompt_id)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        wait_for_idle(client)
+        print(f"compare_lambda ran in {time.monotonic() - t_run:.0f}s")
+
+        # Every fine-tune's chart drew its steps from this page's websocket events.
+        train_ids = page.evaluate("() => window.app.graph._nodes.filter(n => n.type === 'LipschitzPersonalize')"
+                                  ".map(n => String(n.id))")
+        assert len(train_ids) == 4, train_ids
+        for nid in train_ids:
+            wait_for_points(page, nid, TEMPLATE_STEPS)
+            chart = page.evaluate("(id) => window.__lipschitzChart[id]", nid)
+            assert chart["step"] == TEMPLATE_STEPS and chart["live"] >= TEMPLATE_STEPS, (nid, chart)
+
+        # The grid: written to the output folder and shown on its SaveImage node.
+        grid_save = page.evaluate("""() => {
+            const g = window.app.graph;
+            const save = g._nodes.find(n => n.type === "SaveImage" && (n.inputs || []).some(i =>
+                i.link != null && g.getNodeById(g.links[i.link].origin_id).type === "LipschitzLabeledGrid"));
+            return save ? {id: String(save.id), prefix: save.widgets.find(w => w.name === "filename_prefix").value} : null;
+        }""")
+        assert grid_save, "no SaveImage fed by the LipschitzLabeledGrid"
+        images = (entry["outputs"].get(grid_save["id"]) or {}).get("images") or []
+        assert len(images) == 1, entry["outputs"]
+        img = images[0]
+        prefix = Path(grid_save["prefix"])
+        assert img["subfolder"] == str(prefix.parent) and img["filename"].startswith(prefix.name), (img, prefix)
+        grid_file = comfy_server.output_dir / img["subfolder"] / img["filename"]
+        assert grid_file.is_file(), grid_file
+        page.wait_for_function("""([id, name]) => {
+            const n = window.app.graph.getNodeById(id);
+            const onNode = (n.imgs || []).some(i => i.src.includes(encodeURIComponent(name)) && i.complete && i.naturalWidth > 0);
+            const inDom = [...document.querySelectorAll("img")].some(i => i.src.includes("/view?")
+                && i.src.includes(encodeURIComponent(name)) && i.complete && i.naturalWidth > 0);
+            return onNode || inDom;
+        }""", arg=[grid_save["id"], img["filename"]], timeout=30_000)
+        shown = page.evaluate("""([id, name]) => {
+            const n = window.app.graph.getNodeById(id);
+            const mine = i => i.src.includes(encodeURIComponent(name));
+            const onNode = (n.imgs || []).find(mine);
+            const i = onNode || [...document.querySelectorAll("img")].find(mine);
+            return {src: i.src, w: i.naturalWidth, h: i.naturalHeight, where: onNode ? "node.imgs" : "<img>"};
+        }""", [grid_save["id"], img["filename"]])
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(shown["src"]).query)
+        assert query["type"] == ["output"] and query["subfolder"] == [img["subfolder"]], shown
+        with Image.open(grid_file) as im:
+            assert (shown["w"], shown["h"]) == im.size, (shown, im.size)
+        print(f"grid: {grid_file} {shown['w']}x{shown['h']}, shown ({shown['where']}) from {shown['src']}")
+
+        center_on_node(page, grid_save["id"])
+        screenshot(page, "compare_lambda_grid.png")
+        center_on_node(page, train_ids[0])
+        screenshot(page, "compare_lambda_charts.png")
+
+        extra = log.error_keys() - baseline
+        assert not extra, f"console errors beyond the bare frontend's: {sorted(extra)}"
+    print(f"templates test took {time.monotonic() - t0:.0f}s")
