@@ -22,9 +22,9 @@ from tools.comfy_server import ComfyServer  # noqa: E402
 from tools.setup_comfyui import comfyui_root as _comfyui_root  # noqa: E402
 from tools.setup_comfyui import use_comfy_in_process  # noqa: E402
 
-# The repo root is itself the pack (it has an __init__.py that imports comfy_api), so pytest
-# imports it as package "main" before running any test in tests/. Make that import work here:
-# ComfyUI root first on sys.path, and --cpu set before comfy.model_management probes CUDA.
+# Some tests import the pack's node modules in-process (they import folder_paths, comfy):
+# ComfyUI's root first on sys.path, and --cpu set before comfy.model_management probes CUDA.
+# (pytest's rootdir is tests/, so the pack's own __init__ is never collected as a package.)
 use_comfy_in_process(cpu=True)
 
 MODELS_DIR = REPO_ROOT / ".comfyui" / "models"
