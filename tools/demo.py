@@ -200,6 +200,10 @@ def main(argv=None) -> int:
             put("KSampler", steps=sample_steps)
         if tiny:
             put("LipschitzPersonalize", learning_rate=TINY_LR)
+        if steps or res or sample_steps:  # the grid's title must not claim the workflow's settings
+            put("LipschitzLabeledGrid", title=(
+                f"{'tiny random-weight stand-in (noise), ' if tiny else ''}lambda sweep: "
+                f"{steps or 'workflow'} fine-tune steps, {res or 512} px, {sample_steps or 30} sampler steps"))
         prompt = apply_overrides(prompt, rules)
         trains = [n for n in prompt.values() if n["class_type"] == "LipschitzPersonalize"]
         lambdas = ", ".join(f"{n['inputs']['lambda_reg']:g}" for n in trains)
