@@ -19,6 +19,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .objective import Regularizer
+
 
 class ParameterDelta:
     """fp32 deltas for the parameters of ``module`` selected by ``include`` (all by default)."""
@@ -29,17 +31,8 @@ class ParameterDelta:
         include: Callable[[str], bool] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        fused = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
-        if fused:
-            # It reads its out_proj's weight without calling out_proj, so the forward hooks
-            # that add the delta would be bypassed silently.
-            raise TypeError(f"nn.MultiheadAttention is not supported (at {fused[0]!r}): use Linear layers")
         self.module = module
-        self.base: dict[str, Tensor] = {
-            name: p for name, p in module.named_parameters() if include is None or include(name)
-        }
-        if not self.base:
-            raise ValueError("no parameter selected for training")
+        self.base = select_base(module, include)
         # zeros_like keeps the base's memory format (channels_last stays channels_last, so
         # ``base + delta`` does not silently convert); for contiguous bases it is torch.zeros.
         self.delta: dict[str, Tensor] = {
@@ -73,10 +66,24 @@ class ParameterDelta:
     def block_norms(self, norms: Sequence[Tensor]) -> dict[str, float]:
         """``||delta||`` per top-level child of the module, from per-tensor L2 norms."""
         sq: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        for name, n in zip(self.delta, norms):
+        for name, n in zip(self.base, norms):
             block = name.split(".", 1)[0]
             sq[block] = sq[block] + n.detach().double().cpu().square()
         return {block: float(v.sqrt()) for block, v in sq.items()}
+
+    # -- the regularizer ------------------------------------------------------------------
+    supports_step_in_backward = True
+    """Every trained tensor is a delta of its own, so its gradient can step Adam alone."""
+
+    def lip_and_norms(self, regularizer: Regularizer) -> tuple[Tensor, list[Tensor]]:
+        """``L_lip`` and ``||delta_i||`` per base tensor (one foreach pass for both)."""
+        deltas = self.tensors()
+        norms = regularizer.per_tensor_norms(deltas)
+        return regularizer.value(deltas, norms), norms
+
+    def add_regularizer_grad_(self, regularizer: Regularizer, lam: float) -> None:
+        """``grad += lam * dL_lip/d(delta)`` in closed form."""
+        regularizer.add_grad_(self.tensors(), self.grads(), lam)
 
     # -- persistence ----------------------------------------------------------------------
     @torch.no_grad()
@@ -146,6 +153,19 @@ class ParameterDelta:
             for m, entries in slots.items():
                 for attr, base, _ in entries:
                     m._parameters[attr] = base
+
+
+def select_base(module: nn.Module, include: Callable[[str], bool] | None) -> dict[str, Tensor]:
+    """The module's parameters to train (all by default): the anchor ``theta0``, by reference."""
+    fused = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if fused:
+        # It reads its out_proj's weight without calling out_proj, so the forward hooks that
+        # add the delta would be bypassed silently.
+        raise TypeError(f"nn.MultiheadAttention is not supported (at {fused[0]!r}): use Linear layers")
+    base = {name: p for name, p in module.named_parameters() if include is None or include(name)}
+    if not base:
+        raise ValueError("no parameter selected for training")
+    return base
 
 
 def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:

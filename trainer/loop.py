@@ -169,8 +169,8 @@ class RegularizedTrainer:
         self.checkpoint = list(checkpoint)
         self.regularizer = Regularizer(config.regularizer)
         self.optimizer: Any
-        if config.step_in_backward and hasattr(delta, "add_regularizer_grad_"):
-            raise ValueError("step_in_backward works with the full ParameterDelta, not a low-rank delta")
+        if config.step_in_backward and not delta.supports_step_in_backward:
+            raise ValueError(f"step_in_backward works with the full ParameterDelta, not {type(delta).__name__}")
         if config.step_in_backward:
             self.optimizer = StepInBackward(delta.tensors(), config.lr, config.adam, self._add_reg_grad_one)
         else:
@@ -194,22 +194,6 @@ class RegularizedTrainer:
         self.regularizer.add_grad_([d], [g], self.config.lam)
         bad = ~torch.isfinite(g).all()
         self._bad_flag = bad if self._bad_flag is None else self._bad_flag | bad
-
-    def _add_reg_grad(self, lam: float) -> None:
-        add = getattr(self.delta, "add_regularizer_grad_", None)
-        if add is not None:  # a delta with its own parametrisation (trainer.lowrank)
-            add(self.regularizer, lam)
-        else:
-            self.regularizer.add_grad_(self.delta.tensors(), self.delta.grads(), lam)
-
-    def _lip_and_norms(self) -> tuple[Tensor, list[Tensor]]:
-        effective = getattr(self.delta, "effective_norms", None)
-        if effective is not None:
-            norms = effective()
-            return self.delta.lip_value(self.regularizer, norms), norms
-        deltas = self.delta.tensors()
-        norms = self.regularizer.per_tensor_norms(deltas)
-        return self.regularizer.value(deltas, norms), norms
 
     # -- the step -------------------------------------------------------------------------
     def _denoise(self, source: DataSource) -> Tensor:
@@ -265,7 +249,7 @@ class RegularizedTrainer:
             grads = self.delta.grads()
             if self.loss_scale != 1.0:
                 torch._foreach_mul_(grads, 1.0 / self.loss_scale)
-            self._add_reg_grad(lam)
+            self.delta.add_regularizer_grad_(self.regularizer, lam)
             grad_norm = torch.stack(torch._foreach_norm(grads)).norm()
             if c.sync_metrics:
                 if not torch.isfinite(grad_norm):
@@ -286,7 +270,7 @@ class RegularizedTrainer:
                 self.optimizer.step()
                 self._pending_bad = bad
         self.step_count += 1
-        lip, norms = self._lip_and_norms()
+        lip, norms = self.delta.lip_and_norms(self.regularizer)
         if not c.sync_metrics:
             return self._lazy_metrics(loss, denoise, prior, lip, norms, start)
         return StepMetrics(

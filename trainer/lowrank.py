@@ -15,12 +15,12 @@ through ``r x r`` Gram matrices (never the full ``B A``), and ``||B A||_F^2 = tr
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .delta import ParameterDelta
+from .delta import ParameterDelta, select_base
 from .objective import Regularizer
 
 FACTOR_B, FACTOR_A = ".lora_B", ".lora_A"
@@ -38,14 +38,9 @@ class LowRankDelta(ParameterDelta):
                  device: torch.device | str | None = None, seed: int = 0) -> None:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        fused = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
-        if fused:
-            raise TypeError(f"nn.MultiheadAttention is not supported (at {fused[0]!r}): use Linear layers")
         self.module = module
         self.rank = rank
-        self.base = {n: p for n, p in module.named_parameters() if include is None or include(n)}
-        if not self.base:
-            raise ValueError("no parameter selected for training")
+        self.base = select_base(module, include)
         g = torch.Generator().manual_seed(seed)
         self.delta = {}
         self.factored: dict[str, tuple[str, str]] = {}
@@ -68,26 +63,21 @@ class LowRankDelta(ParameterDelta):
         return base + self.delta[name]
 
     # -- the regularizer on the effective delta ----------------------------------------------
+    supports_step_in_backward = False  # B and A of one weight share its regularizer term
+
     @torch.no_grad()
-    def effective_norms(self) -> list[Tensor]:
-        """``||delta_i||_F`` of every base tensor (``B A`` through its Gram matrices)."""
+    def lip_and_norms(self, regularizer: Regularizer) -> tuple[Tensor, list[Tensor]]:
+        """``L_lip`` and ``||B_i A_i||_F`` per base tensor, through the Gram matrices."""
         norms = []
         for name in self.base:
             if name in self.factored:
                 b, a = (self.delta[k] for k in self.factored[name])
-                sq = torch.trace((a @ a.T) @ (b.T @ b)).clamp_min(0)
-                norms.append(sq.sqrt())
+                norms.append(torch.trace((a @ a.T) @ (b.T @ b)).clamp_min(0).sqrt())
             else:
                 norms.append(self.delta[name].norm())
-        return norms
-
-    def lip_value(self, regularizer: Regularizer, norms: Sequence[Tensor]) -> Tensor:
-        """``L_lip`` of the effective deltas from :meth:`effective_norms`."""
-        terms = []
-        for name, n in zip(self.base, norms):
-            sq = n.float().square()
-            terms.append(sq / self.base[name].numel() if regularizer.kind == "mean_sq" else sq)
-        return torch.stack(terms).sum()
+        terms = [n.float().square() / (self.base[name].numel() if regularizer.kind == "mean_sq" else 1)
+                 for name, n in zip(self.base, norms)]
+        return torch.stack(terms).sum(), norms
 
     @torch.no_grad()
     def add_regularizer_grad_(self, regularizer: Regularizer, lam: float) -> None:
@@ -107,13 +97,6 @@ class LowRankDelta(ParameterDelta):
             else:
                 d = self.delta[name]
                 d.grad.add_(d, alpha=coef)
-
-    def block_norms(self, norms: Sequence[Tensor]) -> dict[str, float]:
-        sq: dict[str, float] = {}
-        for name, n in zip(self.base, norms):
-            block = name.split(".", 1)[0]
-            sq[block] = sq.get(block, 0.0) + float(n.detach().double().cpu()) ** 2
-        return {block: math.sqrt(v) for block, v in sq.items()}
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
