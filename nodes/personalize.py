@@ -34,8 +34,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _validate(prompt: str, lambda_reg: float, steps: int, learning_rate: float, resolution: int,
-              batch_size: int, images, class_images, class_prompt: str, prior_weight: float) -> None:
+              batch_size: int, images, class_images, class_prompt: str, prior_weight: float,
+              regularizer: str, precision: str) -> None:
     checks = [
+        ("regularizer", regularizer in KINDS, f"unknown kind {regularizer!r}", f"Use one of {', '.join(KINDS)}"),
+        ("precision", precision in PRECISIONS, f"unknown precision {precision!r}", "Use fp32 (the paper) or bf16"),
         ("prompt", bool(prompt and prompt.strip()), "the prompt is empty", 'Write the instance prompt, e.g. "a photo of sks dog"'),
         ("lambda_reg", math.isfinite(lambda_reg) and lambda_reg >= 0, f"lambda must be a number >= 0, got {lambda_reg}",
          "Use 500 (the paper), 0 for plain fine-tuning, larger to preserve more"),
@@ -106,12 +109,8 @@ class LipschitzPersonalize(io.ComfyNode):
                 regularizer="mean_sq", precision="fp32", gradient_checkpointing=True, batch_size=1,
                 resolution=512, resume=False, class_images=None, class_prompt="", prior_weight=1.0) -> io.NodeOutput:
         _validate(prompt, lambda_reg, steps, learning_rate, resolution, batch_size, images,
-                  class_images, class_prompt, prior_weight)
+                  class_images, class_prompt, prior_weight, regularizer, precision)
         adapter.require_sd15(model)
-        if regularizer not in KINDS:
-            raise NodeInputError("regularizer", f"unknown kind {regularizer!r}", f"Use one of {', '.join(KINDS)}")
-        if precision not in PRECISIONS:
-            raise NodeInputError("precision", f"unknown precision {precision!r}", "Use fp32 (the paper) or bf16")
         progress = NodeProgress(cls.hidden.unique_id or "0", steps, lambda_reg)
         if images.shape[0] == 1:
             progress.text("warning: only 1 reference image; 3-6 give a far better subject")
@@ -227,21 +226,21 @@ def _train(model, loaded: adapter.LoadedUNet, latents, cond, class_latents, clas
             pass
         state = "interrupted" if isinstance(exc, comfy.model_management.InterruptProcessingException) else "failed"
         if trainer.step_count > start_step:
-            saved = save(partial_path(key), state)
-            log.warning("LipschitzPersonalize: stopped at step %d; saved %s", saved.steps_done, partial_path(key).name)
+            saved = save(partial, state)
+            log.warning("LipschitzPersonalize: stopped at step %d; saved %s", saved.steps_done, partial.name)
         progress.finish(state)
         raise
     if outcome.status == "cancelled":
-        save(partial_path(key), "interrupted")
+        save(partial, "interrupted")
         progress.finish("interrupted")
         raise comfy.model_management.InterruptProcessingException()
     if outcome.status == "diverged":
-        save(partial_path(key), "diverged")
+        save(partial, "diverged")
         progress.finish("diverged")
         raise RuntimeError(f"Training diverged: {outcome.message}. The last good delta "
-                           f"({outcome.steps_done} steps) was saved as models/lipschitz_deltas/{partial_path(key).name}.")
+                           f"({outcome.steps_done} steps) was saved as models/lipschitz_deltas/{partial.name}.")
     result = save(auto_path(key), "completed")
-    partial_path(key).unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     progress.finish("completed")
     progress.text(f"done: {outcome.steps_done} steps, |delta| {training_log.delta_norm[-1]:.4f}; "
                   f"saved models/lipschitz_deltas/{auto_path(key).name}")
