@@ -2,7 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import NODES
-from .nodes import routes as _routes
+from .nodes.host import routes as _routes
 
 # Frontend extension (live training chart): every .js under ./web is loaded by the frontend.
 WEB_DIRECTORY = "./web"

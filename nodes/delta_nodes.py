@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import comfy_adapter as adapter
-from .comfy_adapter import NodeInputError
-from .delta_store import FOLDER, Delta, delta_dir, delta_files, load_delta_file, next_free, save_delta
-from .types import DeltaType
+from .host import adapter
+from .host.delta_file import TrainedDelta, load_delta_file, save_delta_file
+from .host.errors import NodeInputError
+from .host.folders import FOLDER, delta_dir, delta_files, next_free
+from .host.types import DeltaType
 
 
 class LipschitzSaveDelta(io.ComfyNode):
@@ -23,8 +24,8 @@ class LipschitzSaveDelta(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, delta: Delta, filename_prefix: str) -> io.NodeOutput:
-        path = save_delta(next_free(filename_prefix), delta)
+    def execute(cls, delta: TrainedDelta, filename_prefix: str) -> io.NodeOutput:
+        path = save_delta_file(next_free(filename_prefix), delta)
         return io.NodeOutput(path.name, ui={"text": [f"{FOLDER}/{path.name}"]})
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from trainer.delta import ParameterDelta
-from trainer.loop import CachedExamples, RegularizedTrainer, TrainConfig, q_sample
-from trainer.objective import KINDS, Regularizer, denoise_loss, paper_regularizer
+from trainer.config import REGULARIZERS as KINDS, ConfigError, TrainConfig
+from trainer.loop import CachedExamples, RegularizedTrainer, q_sample
+from trainer.objective import Regularizer, denoise_loss, paper_regularizer
 
 from tiny_models import make_problem
 
@@ -41,7 +42,7 @@ def test_gradient_equals_autograd_of_paper_loss(kind):
     with delta.applied():
         denoise_loss(model(x_t, t, cond), eps).backward()
     reg = Regularizer(kind)
-    reg.add_grad_(delta.tensors(), delta.grads(), LAM)
+    reg.add_grad_(delta, LAM)
     ours = torch.cat([gr.flatten() for gr in delta.grads()])
 
     # Paper: theta = theta0 + delta as a trainable copy, autograd over the summed loss.
@@ -57,7 +58,9 @@ def test_gradient_equals_autograd_of_paper_loss(kind):
     # The regularizer's value is the paper's too.
     with torch.no_grad():
         value_ref = paper_regularizer(list(paper.parameters()), params0, kind)
-    assert reg.value(delta.tensors()).item() == pytest.approx(value_ref.item(), rel=1e-5)
+    lip, norm = reg.measure(delta)
+    assert lip.item() == pytest.approx(value_ref.item(), rel=1e-5)
+    assert norm.item() == pytest.approx(torch.cat([d.flatten() for d in delta.tensors()]).norm().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,12 +100,16 @@ def test_adam_trajectory_equals_paper_over_20_steps(kind):
 
 def test_mean_sq_is_per_tensor_mean_not_sum():
     """lambda=500 must mean what it means in the reference code (F.mse_loss per tensor)."""
-    deltas = [torch.full((10,), 2.0), torch.full((4, 5), 1.0)]
-    assert Regularizer("mean_sq").value(deltas).item() == pytest.approx(4.0 + 1.0)
-    assert Regularizer("sum_sq").value(deltas).item() == pytest.approx(40.0 + 20.0)
-    assert Regularizer("l1").value(deltas).item() == pytest.approx(2.0 + 1.0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 5))  # weight 5x2 (10 elements), bias 5
+    delta = ParameterDelta(model)
+    with torch.no_grad():
+        delta.delta["0.weight"].fill_(2.0)
+        delta.delta["0.bias"].fill_(-1.0)
+    assert Regularizer("mean_sq").measure(delta)[0].item() == pytest.approx(4.0 + 1.0)
+    assert Regularizer("sum_sq").measure(delta)[0].item() == pytest.approx(40.0 + 5.0)
+    assert Regularizer("l1").measure(delta)[0].item() == pytest.approx(2.0 + 1.0)
 
 
 def test_unknown_kind_is_refused():
-    with pytest.raises(ValueError, match="regularizer kind"):
+    with pytest.raises(ConfigError, match="regularizer: unknown kind"):
         Regularizer("l2_typo")

@@ -66,7 +66,7 @@ def make_unet(tiny: bool, device: str | torch.device = "cpu", seed: int = 0) -> 
 
 
 def checkpoint_units(unet: nn.Module) -> list[nn.Module]:
-    """Same units as ``nodes/comfy_adapter.checkpoint_units`` (the node's checkpointing)."""
+    """Same units as ``nodes/host/adapter.checkpoint_units`` (the node's checkpointing)."""
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     return [layer for block in blocks for layer in block if not any(True for _ in layer.parameters(recurse=False))]
 
@@ -93,18 +93,18 @@ def eps_fn(unet: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
 
 def make_trainer(unet: nn.Module, latent: int, *, lam: float = 500.0, checkpointing: bool = True,
-                 lowrank: int = 0, compile_model: bool = False, steps: int = 1000, lr: float = 2e-6,
-                 **options: Any):
-    """A :class:`trainer.loop.RegularizedTrainer` on ``unet`` with the given options."""
+                 lowrank: int = 0, steps: int = 1000, lr: float = 2e-6, **options: Any):
+    """A :class:`trainer.loop.RegularizedTrainer` on ``unet`` with the given
+    :class:`~trainer.config.TrainConfig` options."""
+    from trainer.config import TrainConfig
     from trainer.delta import ParameterDelta
+    from trainer.loop import RegularizedTrainer
     from trainer.lowrank import LowRankDelta
-    from trainer.loop import RegularizedTrainer, TrainConfig
 
     device = next(unet.parameters()).device
     delta = LowRankDelta(unet, rank=lowrank) if lowrank else ParameterDelta(unet)
-    fn = eps_fn(torch.compile(unet) if compile_model else unet)
     config = TrainConfig(steps=steps, lr=lr, lam=lam, **options)
-    return RegularizedTrainer(fn, delta, sd_abar(), make_data(latent, device), config,
+    return RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, device), config,
                               checkpoint=checkpoint_units(unet) if checkpointing else ())
 
 

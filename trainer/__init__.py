@@ -1,18 +1,18 @@
-"""Lipschitz-regularized personalization of diffusion models, in pure PyTorch.
+"""Lipschitz-regularized personalization of diffusion models, in pure PyTorch (the paper).
 
-Nothing in this package imports ComfyUI: the node layer (``nodes/``) adapts ComfyUI's
-objects to these pieces.
+Nothing in this package imports ComfyUI or diffusers: the hosts adapt their objects to it.
 
-* :mod:`trainer.objective` - the paper's objective ``L_denoise + lambda * L_lip`` and the
-  closed-form gradient of ``L_lip``.
-* :mod:`trainer.delta` - the trainable per-tensor delta ``theta = theta0 + delta`` and its
-  injection into a module without writing the base weights.
-* :mod:`trainer.lowrank` - the optional memory-light delta ``B A`` (rank r), ``L_lip`` on ``B A``.
-* :mod:`trainer.optim` - Adam implementations (default/foreach/fused/8-bit) and Adam stepped
-  inside backward.
-* :mod:`trainer.loop` - one regularized training step and the step metrics (speed/memory
-  options in :class:`~trainer.loop.TrainConfig`, all off by default).
-* :mod:`trainer.job` - the background thread that runs the loop with progress, cancel and
-  error reporting.
-* :mod:`trainer.toy` - the 2-D toy reproduction of the paper's section 4.3.
+* :mod:`trainer.config` - :class:`TrainConfig`: the paper's defaults and their validation.
+* :mod:`trainer.objective` - ``L_denoise + lambda * L_lip`` and the closed-form gradient of
+  ``L_lip``, for the full and the low-rank delta.
+* :mod:`trainer.delta` - the trainable delta ``theta = theta0 + delta`` and its injection into
+  a module without writing the base weights.
+* :mod:`trainer.loop` - Algorithm 1: one regularized training step.
+* :mod:`trainer.metrics` - what a step reports, and a run's log of it.
+* :mod:`trainer.job` - the background thread: progress, cancel, errors handed back.
+* :mod:`trainer.persist` - atomic, checksummed safetensors files and the resume state.
+
+Options, beside the main path: :mod:`trainer.optim` (Adam kernels, Adam stepped inside
+backward), :mod:`trainer.lowrank` (a rank-r delta, not the paper's full fine-tune).
+:mod:`trainer.toy` is the 2-D reproduction of the paper's section 4.3.
 """

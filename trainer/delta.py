@@ -19,8 +19,6 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .objective import Regularizer
-
 
 class ParameterDelta:
     """fp32 deltas for the parameters of ``module`` selected by ``include`` (all by default)."""
@@ -63,27 +61,9 @@ class ParameterDelta:
         return sum(d.numel() for d in self.delta.values())
 
     @torch.no_grad()
-    def block_norms(self, norms: Sequence[Tensor]) -> dict[str, float]:
-        """``||delta||`` per top-level child of the module, from per-tensor L2 norms."""
-        sq: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        for name, n in zip(self.base, norms):
-            block = name.split(".", 1)[0]
-            sq[block] = sq[block] + n.detach().double().cpu().square()
-        return {block: float(v.sqrt()) for block, v in sq.items()}
-
-    # -- the regularizer ------------------------------------------------------------------
-    supports_step_in_backward = True
-    """Every trained tensor is a delta of its own, so its gradient can step Adam alone."""
-
-    def lip_and_norms(self, regularizer: Regularizer) -> tuple[Tensor, list[Tensor]]:
-        """``L_lip`` and ``||delta_i||`` per base tensor (one foreach pass for both)."""
-        deltas = self.tensors()
-        norms = regularizer.per_tensor_norms(deltas)
-        return regularizer.value(deltas, norms), norms
-
-    def add_regularizer_grad_(self, regularizer: Regularizer, lam: float) -> None:
-        """``grad += lam * dL_lip/d(delta)`` in closed form."""
-        regularizer.add_grad_(self.tensors(), self.grads(), lam)
+    def sq_norms(self) -> list[Tensor]:
+        """``||delta_i||^2`` per base tensor (one foreach pass)."""
+        return [n.float().square() for n in torch._foreach_norm(self.tensors())]
 
     # -- persistence ----------------------------------------------------------------------
     @torch.no_grad()

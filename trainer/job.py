@@ -1,7 +1,7 @@
 """Run a :class:`~trainer.loop.RegularizedTrainer` in a background thread.
 
-The caller (a ComfyUI node, the toy, a script) polls :meth:`TrainingJob.poll` for progress
-events, may :meth:`~TrainingJob.cancel`, and gets the outcome from :meth:`~TrainingJob.wait`,
+The caller (a ComfyUI node, the toy, a script) polls :meth:`TrainingJob.poll` for the steps'
+:class:`~trainer.metrics.StepMetrics` (with speed and ETA), may :meth:`~TrainingJob.cancel`, and gets the outcome from :meth:`~TrainingJob.wait`,
 which re-raises the worker's exception (with the worker's traceback) in the caller's thread.
 The delta is only ever written by a completed optimizer step, so whatever ends the run -
 cancel, a non-finite loss, an exception in the forward - leaves a consistent delta whose
@@ -12,24 +12,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
-from .loop import NonFiniteLossError, RegularizedTrainer, StepMetrics
+from .loop import RegularizedTrainer
+from .metrics import StepMetrics
+from .objective import NonFiniteLossError
 
 Status = Literal["running", "completed", "cancelled", "diverged", "failed"]
-
-
-@dataclass
-class ProgressEvent:
-    metrics: StepMetrics
-    steps_per_s: float
-    eta_s: float
-
-    def as_dict(self) -> dict:
-        return {**self.metrics.as_dict(), "steps_per_s": self.steps_per_s, "eta_s": self.eta_s}
 
 
 @dataclass
@@ -44,7 +36,7 @@ class TrainingJob:
 
     def __init__(self, trainer: RegularizedTrainer, name: str = "lipschitz-train") -> None:
         self.trainer = trainer
-        self._events: queue.SimpleQueue[ProgressEvent] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[StepMetrics] = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._result = JobResult("running", trainer.step_count)
@@ -68,8 +60,7 @@ class TrainingJob:
                         return
                     metrics = trainer.step()
                     rate = (trainer.step_count - first) / max(time.perf_counter() - started, 1e-9)
-                    self._events.put(ProgressEvent(metrics, rate, (total - trainer.step_count) / rate))
-                trainer.finish()  # a sync-free run reports its last step's divergence here
+                    self._events.put(replace(metrics, steps_per_s=rate, eta_s=(total - trainer.step_count) / rate))
             self._result = JobResult("completed", trainer.step_count)
         except NonFiniteLossError as exc:
             self._result = JobResult("diverged", trainer.step_count, str(exc))
@@ -88,9 +79,9 @@ class TrainingJob:
         """Ask the worker to stop before its next step (the current one completes)."""
         self._cancel.set()
 
-    def poll(self, timeout: float | None = None) -> list[ProgressEvent]:
+    def poll(self, timeout: float | None = None) -> list[StepMetrics]:
         """Events since the last poll; waits up to ``timeout`` s for one or for the end."""
-        events: list[ProgressEvent] = []
+        events: list[StepMetrics] = []
         try:
             events.append(self._events.get(timeout=timeout) if timeout else self._events.get_nowait())
         except queue.Empty:

@@ -8,9 +8,8 @@ full delta, which is small.  ``B`` starts at zero and ``A`` at ``N(0, 1/fan_in)`
 generator, so the run starts at ``theta0`` and is reproducible.
 
 This is *not* the paper's full fine-tune: it restricts the fine-tune to a low-rank subspace.
-The regularizer is still the paper's, on the delta itself: ``L_lip = sum_i mean((B_i A_i)^2)``
-with its exact gradient ``2/n (B A A^T)`` for ``B`` and ``2/n (B^T B A)`` for ``A``, computed
-through ``r x r`` Gram matrices (never the full ``B A``), and ``||B A||_F^2 = tr(A A^T B^T B)``.
+The regularizer is still the paper's, on the delta itself: ``L_lip = sum_i mean((B_i A_i)^2)``;
+its closed-form gradient is in :mod:`trainer.objective`, with the full delta's.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from .delta import ParameterDelta, select_base
-from .objective import Regularizer
 
 FACTOR_B, FACTOR_A = ".lora_B", ".lora_A"
 
@@ -58,45 +56,26 @@ class LowRankDelta(ParameterDelta):
 
     def summed(self, name: str, base: Tensor) -> Tensor:
         if name in self.factored:
-            b, a = (self.delta[k] for k in self.factored[name])
+            b, a = self.factors(name)
             return base + (b @ a).view(base.shape)
         return base + self.delta[name]
 
-    # -- the regularizer on the effective delta ----------------------------------------------
-    supports_step_in_backward = False  # B and A of one weight share its regularizer term
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(B, A)`` of a factored base tensor."""
+        b, a = self.factored[name]
+        return self.delta[b], self.delta[a]
 
     @torch.no_grad()
-    def lip_and_norms(self, regularizer: Regularizer) -> tuple[Tensor, list[Tensor]]:
-        """``L_lip`` and ``||B_i A_i||_F`` per base tensor, through the Gram matrices."""
-        norms = []
+    def sq_norms(self) -> list[Tensor]:
+        """``||B_i A_i||_F^2 = tr(A A^T B^T B)`` per base tensor, through ``r x r`` Gram matrices."""
+        out = []
         for name in self.base:
             if name in self.factored:
-                b, a = (self.delta[k] for k in self.factored[name])
-                norms.append(torch.trace((a @ a.T) @ (b.T @ b)).clamp_min(0).sqrt())
+                b, a = self.factors(name)
+                out.append(torch.trace((a @ a.T) @ (b.T @ b)).clamp_min(0))
             else:
-                norms.append(self.delta[name].norm())
-        terms = [n.float().square() / (self.base[name].numel() if regularizer.kind == "mean_sq" else 1)
-                 for name, n in zip(self.base, norms)]
-        return torch.stack(terms).sum(), norms
-
-    @torch.no_grad()
-    def add_regularizer_grad_(self, regularizer: Regularizer, lam: float) -> None:
-        """``grad += lam * dL_lip/d(factor)``, exact, through ``r x r`` Gram matrices."""
-        if regularizer.kind == "l1":
-            raise ValueError("the low-rank delta supports the mean_sq and sum_sq regularizers, not l1")
-        if lam == 0:
-            return
-        self.grads()
-        for name, base in self.base.items():
-            coef = 2.0 * lam / (base.numel() if regularizer.kind == "mean_sq" else 1)
-            if name in self.factored:
-                kb, ka = self.factored[name]
-                b, a = self.delta[kb], self.delta[ka]
-                b.grad.add_(b @ (a @ a.T), alpha=coef)
-                a.grad.add_((b.T @ b) @ a, alpha=coef)
-            else:
-                d = self.delta[name]
-                d.grad.add_(d, alpha=coef)
+                out.append(self.delta[name].float().square().sum())
+        return out
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
@@ -104,7 +83,7 @@ class LowRankDelta(ParameterDelta):
         out = {}
         for name, base in self.base.items():
             if name in self.factored:
-                b, a = (self.delta[k] for k in self.factored[name])
+                b, a = self.factors(name)
                 out[name] = (b @ a).view(base.shape).to("cpu", torch.float32)
             else:
                 out[name] = self.delta[name].detach().to("cpu", torch.float32, copy=True)

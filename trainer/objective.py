@@ -1,98 +1,124 @@
-"""The paper's objective: ``L = L_denoise + lambda * L_lip``.
+"""The paper's objective: ``L = L_denoise + lambda * L_lip``, for every kind of delta.
 
 ``L_lip = sum_i mean((theta_i - theta0_i)^2)`` over parameter tensors ``i`` (the reference
-code's per-tensor ``F.mse_loss``), so ``lambda = 500`` means what it means there.  Because
-``L_lip`` depends on the delta ``theta - theta0`` alone and its gradient is known in closed
-form, we never build an autograd graph over all parameters for it: :meth:`Regularizer.add_grad_`
-adds ``lambda * dL_lip/d(delta)`` to the gradients that backpropagation of ``L_denoise``
-left, with ``torch._foreach_*`` kernels, before the optimizer step.  The optimizer then sees
-exactly the gradient of the paper's summed loss (coupled, inside Adam).
-:func:`paper_regularizer` is the autograd formulation, kept as the reference the tests and
-the benchmark compare against.
+code's per-tensor ``F.mse_loss``), so ``lambda = 500`` means what it means there.  ``L_lip``
+depends on the delta ``theta - theta0`` alone and its gradient is known in closed form, so no
+autograd graph is built for it: :meth:`Regularizer.add_grad_` adds ``lambda * dL_lip/dx`` to
+the gradients that backpropagation of ``L_denoise`` left in the trainable tensors ``x``,
+before the optimizer step.  Adam then sees exactly the gradient of the paper's summed loss.
+
+Both parametrizations of the delta are handled here, once:
+
+* :class:`~trainer.delta.ParameterDelta` (the paper's full fine-tune): the gradient of tensor
+  ``i`` is ``2 delta_i / n_i`` (``mean_sq``), ``2 delta_i`` (``sum_sq``) or ``sign(delta_i) / n_i``
+  (``l1``), added with one ``torch._foreach_add_`` per group of equal-sized tensors.
+* :class:`~trainer.lowrank.LowRankDelta` (``delta_i = B_i A_i``): ``||B A||^2 = tr(A A^T B^T B)``,
+  gradients ``c B (A A^T)`` and ``c (B^T B) A``, through ``r x r`` Gram matrices (never ``B A``).
+
+:func:`paper_regularizer` is the autograd formulation, the ground truth of the tests.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RegularizerKind = Literal["mean_sq", "sum_sq", "l1"]
-KINDS: tuple[str, ...] = ("mean_sq", "sum_sq", "l1")
+from .config import REGULARIZERS, ConfigError, RegularizerKind
+from .delta import ParameterDelta
+from .lowrank import LowRankDelta
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or its gradient is NaN/inf; raised before the optimizer step touches the delta."""
 
 
 class Regularizer:
-    """``L_lip`` of one kind, its value and its closed-form gradient.
-
-    * ``mean_sq`` (default, the paper): ``sum_i mean(delta_i^2)``, gradient ``2 delta_i / n_i``.
-    * ``sum_sq``: ``sum_i sum(delta_i^2)``, gradient ``2 delta_i``.
-    * ``l1``: ``sum_i mean(|delta_i|)`` (per-tensor ``F.l1_loss``), gradient ``sign(delta_i) / n_i``.
-    """
+    """``L_lip`` of one kind: its value and its closed-form gradient."""
 
     def __init__(self, kind: RegularizerKind = "mean_sq") -> None:
-        if kind not in KINDS:
-            raise ValueError(f"regularizer kind must be one of {KINDS}, got {kind!r}")
+        if kind not in REGULARIZERS:
+            raise ConfigError("regularizer", f"unknown kind {kind!r}", f"Use one of {', '.join(REGULARIZERS)}")
         self.kind = kind
 
-    def per_tensor_norms(self, deltas: Sequence[Tensor]) -> list[Tensor]:
-        """L2 norm of every delta tensor (one foreach pass; shared by value and metrics)."""
-        return list(torch._foreach_norm(list(deltas)))
+    def weight(self, numel: int) -> float:
+        """The per-tensor factor: ``1 / n_i`` for the per-tensor means, 1 for the plain sum."""
+        return 1.0 if self.kind == "sum_sq" else 1.0 / numel
 
-    def value(self, deltas: Sequence[Tensor], norms: Sequence[Tensor] | None = None) -> Tensor:
-        """``L_lip`` as a 0-d tensor without an autograd graph.
+    def check(self, delta: ParameterDelta) -> None:
+        if isinstance(delta, LowRankDelta) and self.kind == "l1":
+            raise ConfigError("regularizer", "the low-rank delta has no closed-form l1 gradient",
+                              "Use mean_sq (the paper) or sum_sq with the low-rank delta")
 
-        ``norms`` may carry :meth:`per_tensor_norms` already computed for the metrics.
-        """
-        deltas = list(deltas)
-        if not deltas:
-            return torch.zeros(())
-        with torch.no_grad():
-            if self.kind == "l1":
-                l1 = torch._foreach_norm(deltas, 1)
-                terms = [n / d.numel() for n, d in zip(l1, deltas)]
-            else:
-                norms = list(norms) if norms is not None else self.per_tensor_norms(deltas)
-                if self.kind == "mean_sq":
-                    terms = [n.float().square() / d.numel() for n, d in zip(norms, deltas)]
-                else:
-                    terms = [n.float().square() for n in norms]
-            return torch.stack([t.float().to(terms[0].device) for t in terms]).sum()
+    # -- value ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self, delta: ParameterDelta) -> tuple[Tensor, Tensor]:
+        """``(L_lip, ||delta||)`` as 0-d tensors, from one pass over the deltas."""
+        numels = [b.numel() for b in delta.base.values()]
+        sq = delta.sq_norms()
+        norm = torch.stack(sq).sum().sqrt()
+        if self.kind == "l1":
+            terms = [n / numel for n, numel in zip(torch._foreach_norm(delta.tensors(), 1), numels)]
+        else:
+            terms = [s * self.weight(numel) for s, numel in zip(sq, numels)]
+        return torch.stack(terms).sum(), norm
+
+    # -- gradient ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_grad_(self, delta: ParameterDelta, lam: float) -> None:
+        """``grad += lam * dL_lip/dx`` for every trainable tensor ``x`` of ``delta``."""
+        self.check(delta)
+        if lam == 0:
+            return
+        if isinstance(delta, LowRankDelta):
+            self._add_lowrank_grad_(delta, lam)
+        else:
+            self.add_tensor_grads_(delta.tensors(), delta.grads(), lam)
 
     @torch.no_grad()
-    def add_grad_(self, deltas: Sequence[Tensor], grads: Sequence[Tensor], lam: float) -> None:
-        """``grads_i += lam * dL_lip/d(delta_i)`` in place, allocation-free for the L2 kinds.
+    def add_tensor_grads_(self, deltas: Sequence[Tensor], grads: Sequence[Tensor], lam: float) -> None:
+        """The full-delta closed form, allocation-free for the L2 kinds.
 
-        Tensors that share a coefficient (same element count for the per-tensor mean) are
-        updated by one ``_foreach_add_`` call each, so the cost is a few fused passes over the
-        deltas, independent of how many tensors the model has.
+        Tensors that share a coefficient (equal element count for the per-tensor kinds) take
+        one ``_foreach_add_`` call per group, so the cost is a few fused passes over the deltas,
+        independent of how many tensors the model has.
         """
         if lam == 0 or not deltas:
             return
-        if self.kind == "sum_sq":
-            torch._foreach_add_(list(grads), list(deltas), alpha=2.0 * lam)
-            return
-        sources = list(deltas) if self.kind == "mean_sq" else torch._foreach_sign(list(deltas))
-        factor = 2.0 * lam if self.kind == "mean_sq" else lam
+        sources = torch._foreach_sign(list(deltas)) if self.kind == "l1" else list(deltas)
+        factor = lam if self.kind == "l1" else 2.0 * lam
         groups: dict[int, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
         for d, s, g in zip(deltas, sources, grads):
-            groups[d.numel()][0].append(g)
-            groups[d.numel()][1].append(s)
-        for numel, (gs, ss) in groups.items():
-            torch._foreach_add_(gs, ss, alpha=factor / numel)
+            key = 1 if self.kind == "sum_sq" else d.numel()
+            groups[key][0].append(g)
+            groups[key][1].append(s)
+        for key, (gs, ss) in groups.items():
+            torch._foreach_add_(gs, ss, alpha=factor * self.weight(key))
+
+    def _add_lowrank_grad_(self, delta: LowRankDelta, lam: float) -> None:
+        delta.grads()
+        for name, base in delta.base.items():
+            coef = 2.0 * lam * self.weight(base.numel())
+            if name in delta.factored:
+                b, a = delta.factors(name)
+                b.grad.add_(b @ (a @ a.T), alpha=coef)
+                a.grad.add_((b.T @ b) @ a, alpha=coef)
+            else:
+                d = delta.delta[name]
+                d.grad.add_(d, alpha=coef)
 
 
 def paper_regularizer(
     params: Sequence[Tensor], params0: Sequence[Tensor], kind: RegularizerKind = "mean_sq"
 ) -> Tensor:
-    """``L_lip`` written as the paper's reference code writes it, through autograd.
+    """``L_lip`` as the paper's reference code writes it, through autograd.
 
-    ``sum_i F.mse_loss(theta_i, theta0_i)`` (or the ``sum_sq``/``l1`` variants).  Used by the
-    tests (ground truth for the closed-form gradient) and by the benchmark (the naive cost).
+    ``sum_i F.mse_loss(theta_i, theta0_i)`` (or the ``sum_sq``/``l1`` variants).  The tests'
+    ground truth for the closed form, and the benchmark's naive cost.
     """
-    if kind not in KINDS:
-        raise ValueError(f"regularizer kind must be one of {KINDS}, got {kind!r}")
+    Regularizer(kind)
     total = torch.zeros((), device=params[0].device if params else None)
     for p, p0 in zip(params, params0):
         p0 = p0.detach().to(p.dtype)

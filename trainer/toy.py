@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from .delta import ParameterDelta
-from .loop import RegularizedTrainer, TrainConfig
+from .config import TrainConfig
+from .loop import RegularizedTrainer
 
 N_BASE = 5
 NEW_CLASS = 5
@@ -213,7 +214,7 @@ def _pretrain(epochs: int, points: tuple[Tensor, Tensor], seed: int = DEFAULT_SE
         trainer.step()
     with torch.no_grad():
         state = {name: (p + delta.delta[name]).detach().clone() for name, p in model.named_parameters()}
-    return state, trainer.optimizer.state_dict(), time.perf_counter() - start
+    return state, trainer.update.state_dict(), time.perf_counter() - start
 
 
 def _finetune(
@@ -252,7 +253,7 @@ def _finetune(
         # Optimizer.load_state_dict keeps the given tensors when no cast is needed, and Adam
         # updates them in place; across worker processes the tensors arrive in shared memory
         # (torch's pickler), so without this copy concurrent fine-tunes race on one state.
-        trainer.optimizer.load_state_dict(copy.deepcopy(adam_state))
+        trainer.update.load_state_dict(copy.deepcopy(adam_state))
     metrics = None
     for _ in range(config.steps):
         metrics = trainer.step()

@@ -41,12 +41,11 @@ class NodeProgress:
         if server is not None:
             server.send_progress_text(message, self.node_id)
 
-    def step(self, event: dict[str, Any]) -> None:
-        """Send one step's metrics; the bar update raises if the user interrupted."""
-        payload = {"node": self.node_id, "lambda": self.lam, "total": self.total,
-                   "step": event["step"], "denoise": event["denoise"], "lip": event["lip"],
-                   "delta_norm": event["delta_norm"], "steps_per_s": event["steps_per_s"],
-                   "eta_s": event["eta_s"]}
+    def step(self, metrics: Any) -> None:
+        """Send one step's :class:`trainer.metrics.StepMetrics` (its fields, plus the node and
+        lambda) to the chart; the bar update raises if the user interrupted."""
+        event = metrics.as_dict()
+        payload = {**event, "node": self.node_id, "lambda": self.lam}
         with _lock:
             _runs[self.node_id]["events"].append(payload)
         server = PromptServer.instance

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -71,3 +73,15 @@ def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
     for v in values:
         out.append(v if not out else (1 - alpha) * out[-1] + alpha * v)
     return out
+
+
+def render_report(logs: Sequence[Any]) -> torch.Tensor:
+    """:class:`trainer.metrics.TrainingLog` values -> one IMAGE [1, H, W, 3]: the denoise loss
+    (smoothed), ``L_lip`` and ``||delta||`` over steps, one line per run."""
+    def lines(field: str, smooth: bool = False) -> list[Series]:
+        return [(log.label, log.series("step"), ema(log.series(field)) if smooth else log.series(field))
+                for log in logs]
+
+    img = report([("denoise loss (EMA 0.1)", lines("denoise", smooth=True)),
+                  ("L_lip = sum_i mean(delta_i^2)", lines("lip")), ("||delta||", lines("delta_norm"))])
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .comfy_adapter import NodeInputError
+from .errors import NodeInputError
 
 CropMode = Literal["center", "stretch", "pad"]
 CROP_MODES: tuple[str, ...] = ("center", "stretch", "pad")

@@ -1,7 +1,6 @@
-"""Turns ComfyUI's MODEL / CLIP / VAE / IMAGE into what :mod:`trainer` needs, and back.
+"""ComfyUI's MODEL / CLIP / VAE / IMAGE -> the tensors and functions a training run needs, and back.
 
-This is the only module that knows both sides: the trainer never imports ComfyUI, and the
-node files only call these functions.
+Imports ComfyUI, never :mod:`trainer`: :mod:`.run` joins the two.
 """
 from __future__ import annotations
 
@@ -15,15 +14,8 @@ import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
 
-PATCH_PREFIX = "diffusion_model."
-
-
-class NodeInputError(ValueError):
-    """A user-facing error about one node input: what is wrong and how to fix it."""
-
-    def __init__(self, input_name: str, problem: str, fix: str) -> None:
-        super().__init__(f"{input_name}: {problem}. {fix}")
-        self.input_name = input_name
+from .delta_file import PATCH_PREFIX
+from .errors import NodeInputError
 
 
 # -- the model ---------------------------------------------------------------------------
@@ -148,11 +140,3 @@ def patched_model(model, delta: dict[str, Tensor], strength: float = 1.0):
                              "Apply the delta to the SD1.5 model it was trained on")
     return out
 
-
-def file_key(name: str) -> str:
-    """U-Net parameter name -> the key stock ``LoraLoaderModelOnly`` reads as a diff."""
-    if name.endswith(".weight"):
-        return f"{PATCH_PREFIX}{name[: -len('.weight')]}.diff"
-    if name.endswith(".bias"):
-        return f"{PATCH_PREFIX}{name[: -len('.bias')]}.diff_b"
-    return f"{PATCH_PREFIX}{name}.diff"

@@ -1,0 +1,119 @@
+"""IMAGE batches -> one labelled comparison grid (``LipschitzLabeledGrid``; stock ComfyUI has none).
+
+Each connected batch is one row (``images_1`` on top), its images are the columns.  Row labels
+go in a column on the left, column labels in a header row, an optional title above; black
+text in Pillow's default font on white.  Rows whose images differ in size from the first row
+are resized to the first row's cell size.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+MAX_ROWS = 8
+PAD = 8
+
+
+def parse_labels(text: str | None) -> list[str]:
+    """One label per line; blank lines (e.g. a trailing newline) are ignored."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _font(cell_h: int) -> ImageFont.ImageFont:
+    size = max(12, min(48, cell_h // 20))
+    try:
+        return ImageFont.load_default(size=size)  # scalable default font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a single over-long word stays on its own line)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and _text_size(draw, trial, font)[0] > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    if current:
+        lines.append(current)
+    return lines or [""]
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    arr = (image[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return Image.fromarray(arr, "RGB")
+
+
+def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: list[str],
+              title: str = "") -> torch.Tensor:
+    """Rows of IMAGE batches [B, H, W, C] -> one IMAGE [1, H', W', 3].
+
+    ``row_labels`` / ``column_labels`` may be empty (no label strip) or must match the
+    number of rows / columns (the largest batch); otherwise ValueError names the input.
+    """
+    if not rows:
+        raise ValueError("images_1: connect at least one IMAGE batch")
+    n_rows = len(rows)
+    n_cols = max(int(r.shape[0]) for r in rows)
+    if row_labels and len(row_labels) != n_rows:
+        raise ValueError(f"row_labels: {len(row_labels)} label(s) for {n_rows} row(s) "
+                         f"(one line per connected images_N input, or leave it empty)")
+    if column_labels and len(column_labels) != n_cols:
+        raise ValueError(f"column_labels: {len(column_labels)} label(s) for {n_cols} column(s) "
+                         f"(one line per image of a batch, or leave it empty)")
+
+    cell_h, cell_w = int(rows[0].shape[1]), int(rows[0].shape[2])
+    font = _font(cell_h)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(scratch, "Ag|", font)[1] + 4
+
+    label_w = 0
+    if row_labels:
+        max_label_w = max(140, cell_w // 2)
+        wrapped_rows = [_wrap(scratch, t, font, max_label_w) for t in row_labels]
+        label_w = max(_text_size(scratch, line, font)[0] for lines in wrapped_rows for line in lines) + 2 * PAD
+    wrapped_cols = [_wrap(scratch, t, font, cell_w - 2 * PAD) for t in column_labels]
+    header_h = (max(len(lines) for lines in wrapped_cols) * line_h + 2 * PAD) if column_labels else 0
+    wrapped_title = _wrap(scratch, title.strip(), font, label_w + n_cols * cell_w - 2 * PAD) if title and title.strip() else []
+    title_h = len(wrapped_title) * line_h + 2 * PAD if wrapped_title else 0
+
+    width = label_w + n_cols * cell_w
+    height = title_h + header_h + n_rows * cell_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    black = (0, 0, 0)
+
+    for i, line in enumerate(wrapped_title):
+        w = _text_size(draw, line, font)[0]
+        draw.text(((width - w) // 2, PAD + i * line_h), line, fill=black, font=font)
+    for c, lines in enumerate(wrapped_cols):
+        x0 = label_w + c * cell_w
+        for i, line in enumerate(lines):
+            w = _text_size(draw, line, font)[0]
+            draw.text((x0 + (cell_w - w) // 2, title_h + PAD + i * line_h), line, fill=black, font=font)
+    top = title_h + header_h
+    for r, batch in enumerate(rows):
+        y0 = top + r * cell_h
+        if row_labels:
+            lines = wrapped_rows[r]
+            y = y0 + (cell_h - len(lines) * line_h) // 2
+            for i, line in enumerate(lines):
+                draw.text((PAD, y + i * line_h), line, fill=black, font=font)
+        for c in range(int(batch.shape[0])):
+            img = _to_pil(batch[c])
+            if img.size != (cell_w, cell_h):
+                img = img.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
+            canvas.paste(img, (label_w + c * cell_w, y0))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]

@@ -1,0 +1,219 @@
+"""One personalization inside ComfyUI: validate, reuse a finished run, or train, resume and save.
+
+The seam between the two sides: the only module that imports both ComfyUI and :mod:`trainer`.
+A :class:`RunSpec` is what the node was given; :func:`personalize` checks it before any work,
+encodes the photos and prompt once, loads ``auto_<key>`` when the same run finished before,
+and otherwise trains in a :class:`trainer.job.TrainingJob` thread while it relays progress
+and watches for the UI's Cancel.  Whatever stops a run early, its delta and resume state are
+saved as ``partial_<key>`` before the error or interrupt reaches ComfyUI.  The base MODEL is
+never written: the output is a clone carrying the delta as patches.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import comfy.model_management
+
+from ...trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, ConfigError, TrainConfig
+from ...trainer.delta import ParameterDelta
+from ...trainer.job import TrainingJob
+from ...trainer.loop import CachedExamples, RegularizedTrainer
+from ...trainer.metrics import TrainingLog
+from . import adapter
+from .delta_file import TrainedDelta, load_delta_file, run_key, save_delta_file, trainer_state
+from .errors import NodeInputError
+from .folders import auto_path, partial_path
+from .images import resize_batch
+from .progress import NodeProgress
+
+__all__ = ["DEFAULTS", "PRECISIONS", "REGULARIZERS", "RunSpec", "TrainConfig", "personalize"]
+
+log = logging.getLogger(__name__)
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# TrainConfig field -> the node input a user sets it with (the rest have the same name).
+INPUT_NAMES = {"lam": "lambda_reg", "lr": "learning_rate"}
+
+
+@dataclass
+class RunSpec:
+    """What ``LipschitzPersonalize`` was given."""
+
+    model: Any
+    clip: Any
+    vae: Any
+    images: Tensor | None
+    prompt: str
+    config: TrainConfig
+    resume: bool = False
+    class_images: Tensor | None = None
+    class_prompt: str = ""
+
+    def validate(self) -> None:
+        """Every input, before any work; the error names the node input and the fix."""
+        try:
+            self.config.validate()
+        except ConfigError as exc:
+            raise NodeInputError(INPUT_NAMES.get(exc.field, exc.field), exc.problem, exc.fix) from None
+        if not (self.prompt and self.prompt.strip()):
+            raise NodeInputError("prompt", "the prompt is empty", 'Write the instance prompt, e.g. "a photo of sks dog"')
+        if self.images is None or self.images.shape[0] < 1:
+            raise NodeInputError("images", "no reference image", "Connect 3-6 photos of the subject")
+        if self.class_images is not None and not (self.class_prompt and self.class_prompt.strip()):
+            raise NodeInputError("class_prompt", "class images are connected but the class prompt is empty",
+                                 'Write the class prompt, e.g. "a photo of a dog"')
+        adapter.require_sd15(self.model)
+
+
+def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, TrainingLog]:
+    """Run ``spec``: (the patched MODEL clone, the delta, its training log)."""
+    spec.validate()
+    config = spec.config
+    progress = NodeProgress(node_id, config.steps, config.lam)
+    if spec.images.shape[0] == 1:
+        progress.text("warning: only 1 reference image; 3-6 give a far better subject")
+        log.warning("LipschitzPersonalize: only 1 reference image")
+    images = resize_batch(spec.images, config.resolution)
+    class_images = resize_batch(spec.class_images, config.resolution) if spec.class_images is not None else None
+    cond, truncated = adapter.encode_prompt(spec.clip, spec.prompt)
+    if truncated:
+        progress.text("notice: the prompt is longer than 77 tokens; only the first 77 are used")
+        log.warning("LipschitzPersonalize: prompt truncated to 77 tokens")
+    latents = adapter.encode_images(spec.vae, spec.model, images, config.seed)
+    prior = None
+    if class_images is not None:
+        prior = (adapter.encode_images(spec.vae, spec.model, class_images, config.seed + 1),
+                 adapter.encode_prompt(spec.clip, spec.class_prompt)[0])
+    loaded = adapter.load_for_training(spec.model, COMPUTE_DTYPES[config.precision])
+    base_id = adapter.fingerprint(loaded.unet)
+    key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id,
+                   "class_prompt": spec.class_prompt if class_images is not None else None},
+                  [images] + ([class_images] if class_images is not None else []))
+    meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
+            "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
+            "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key}
+    label = f"lambda={config.lam:g}"
+
+    finished = _load_finished(key, loaded.unet, progress)
+    if finished is not None:
+        delta, saved_log = finished
+        progress.text(f"loaded the finished run from models/lipschitz_deltas/{auto_path(key).name} "
+                      "(no training needed)")
+        progress.bar.update_absolute(config.steps)
+        progress.finish("loaded")
+        training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
+    else:
+        with torch.inference_mode(False):
+            # Tensors made under ComfyUI's inference mode cannot be saved for backward.
+            trainer = _trainer(loaded, latents, cond, prior, config)
+        delta, training_log = _Training(trainer, key, meta, TrainingLog(label, config.lam), progress).run(spec.resume)
+    return adapter.patched_model(spec.model, delta.tensors), delta, training_log
+
+
+def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta, TrainingLog | None] | None:
+    """The finished run of this key, if one was saved; a damaged one is moved aside."""
+    done = auto_path(key)
+    if not done.exists():
+        return None
+    try:
+        delta, saved_log, _ = load_delta_file(done, {n: tuple(p.shape) for n, p in unet.named_parameters()})
+    except NodeInputError as exc:  # keep the damaged file aside for inspection, retrain
+        aside = done.with_name(done.name + ".corrupt")
+        done.replace(aside)
+        log.warning("LipschitzPersonalize: %s; moved to %s, training again", exc, aside.name)
+        progress.text(f"warning: the saved run {done.name} is damaged ({exc}); moved it to {aside.name} "
+                      "and training again")
+        return None
+    return delta, saved_log
+
+
+def _trainer(loaded: adapter.LoadedUNet, latents: Tensor, cond: Tensor, prior: tuple[Tensor, Tensor] | None,
+             config: TrainConfig) -> RegularizedTrainer:
+    dev = loaded.device
+    data = CachedExamples(latents.to(dev).clone(), cond.to(dev).clone(), config.batch_size)
+    prior_data = (CachedExamples(prior[0].to(dev).clone(), prior[1].to(dev).clone(), config.batch_size)
+                  if prior is not None else None)
+    checkpoint = adapter.checkpoint_units(loaded.unet) if config.gradient_checkpointing else ()
+    return RegularizedTrainer(loaded.eps, ParameterDelta(loaded.unet, device=dev), adapter.alphas_cumprod(loaded.patcher),
+                              data, config, prior=prior_data, checkpoint=checkpoint)
+
+
+class _Training:
+    """One training run in the job thread: resume, relay progress and Cancel, save the outcome."""
+
+    def __init__(self, trainer: RegularizedTrainer, key: str, meta: dict[str, str], training_log: TrainingLog,
+                 progress: NodeProgress) -> None:
+        self.trainer, self.key, self.meta, self.log, self.progress = trainer, key, meta, training_log, progress
+        self.partial = partial_path(key)
+
+    def run(self, resume: bool) -> tuple[TrainedDelta, TrainingLog]:
+        if resume:
+            self._resume()
+        start_step = self.trainer.step_count
+        job = TrainingJob(self.trainer).start()
+        try:
+            while not job.done:
+                self._relay(job.poll(0.1))
+                if comfy.model_management.processing_interrupted():
+                    job.cancel()
+            self._relay(job.poll())
+            outcome = job.wait()
+        except BaseException as exc:
+            job.cancel()
+            try:
+                job.wait()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+            state = "interrupted" if isinstance(exc, comfy.model_management.InterruptProcessingException) else "failed"
+            if self.trainer.step_count > start_step:
+                saved = self._save(self.partial, state)
+                log.warning("LipschitzPersonalize: stopped at step %d; saved %s", saved.steps_done, self.partial.name)
+            self.progress.finish(state)
+            raise
+        if outcome.status == "cancelled":
+            self._save(self.partial, "interrupted")
+            self.progress.finish("interrupted")
+            raise comfy.model_management.InterruptProcessingException()
+        if outcome.status == "diverged":
+            self._save(self.partial, "diverged")
+            self.progress.finish("diverged")
+            raise RuntimeError(f"Training diverged: {outcome.message}. The last good delta "
+                               f"({outcome.steps_done} steps) was saved as models/lipschitz_deltas/{self.partial.name}.")
+        done = auto_path(self.key)
+        result = self._save(done, "completed")
+        self.partial.unlink(missing_ok=True)
+        self.progress.finish("completed")
+        self.progress.text(f"done: {outcome.steps_done} steps, |delta| {self.log.records[-1].delta_norm:.4f}; "
+                           f"saved models/lipschitz_deltas/{done.name}")
+        return result, self.log
+
+    def _resume(self) -> None:
+        if not self.partial.exists():
+            self.progress.text("resume: no stopped run of these settings was found; training from step 0")
+            return
+        delta = self.trainer.delta
+        try:
+            saved, saved_log, extra = load_delta_file(self.partial, {n: tuple(t.shape) for n, t in delta.delta.items()})
+            self.trainer.load_state_dict(trainer_state(saved, extra, delta.names))
+        except (NodeInputError, KeyError, ValueError, RuntimeError) as exc:
+            raise NodeInputError("resume", f"the saved partial run {self.partial.name} cannot be resumed ({exc})",
+                                 "Turn resume off to train from step 0 (the file is replaced by the new run)") from exc
+        self.log = saved_log or self.log
+        self.progress.text(f"resuming at step {self.trainer.step_count} from {self.partial.name}")
+
+    def _relay(self, events) -> None:
+        for metrics in events:
+            self.log.add(metrics)
+            self.progress.step(metrics)
+
+    def _save(self, path, status: str) -> TrainedDelta:
+        result = TrainedDelta(self.trainer.delta.state_dict(),
+                              {**self.meta, "steps_done": str(self.trainer.step_count), "status": status})
+        self.log.status = status
+        state = self.trainer.state_dict() if status != "completed" else None
+        save_delta_file(path, result, self.log, state)
+        return result
