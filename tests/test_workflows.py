@@ -27,7 +27,7 @@ SAMPLE_RES = 32  # sampling: 4x4 latents, the VAE decode dominates a tiny run
 
 
 def _load_grid_module():
-    spec = importlib.util.spec_from_file_location("lipschitz_grid_under_test", REPO / "nodes" / "grid.py")
+    spec = importlib.util.spec_from_file_location("lipschitz_grid_under_test", REPO / "nodes" / "host" / "grid.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

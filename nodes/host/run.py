@@ -108,9 +108,13 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
     else:
         with torch.inference_mode(False):
-            # Tensors made under ComfyUI's inference mode cannot be saved for backward.
-            trainer = _trainer(loaded, latents, cond, prior, config)
-        delta, training_log = _Training(trainer, key, meta, TrainingLog(label, config.lam), progress).run(spec.resume)
+            # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
+            # or updated in place.
+            training = _Training(_trainer(loaded, latents, cond, prior, config), key, meta,
+                                 TrainingLog(label, config.lam), progress)
+            if spec.resume:
+                training.resume()
+        delta, training_log = training.run()
     return adapter.patched_model(spec.model, delta.tensors), delta, training_log
 
 
@@ -150,9 +154,7 @@ class _Training:
         self.trainer, self.key, self.meta, self.log, self.progress = trainer, key, meta, training_log, progress
         self.partial = partial_path(key)
 
-    def run(self, resume: bool) -> tuple[TrainedDelta, TrainingLog]:
-        if resume:
-            self._resume()
+    def run(self) -> tuple[TrainedDelta, TrainingLog]:
         start_step = self.trainer.step_count
         job = TrainingJob(self.trainer).start()
         try:
@@ -191,7 +193,8 @@ class _Training:
                            f"saved models/lipschitz_deltas/{done.name}")
         return result, self.log
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Continue the stopped run of this key, if there is one."""
         if not self.partial.exists():
             self.progress.text("resume: no stopped run of these settings was found; training from step 0")
             return
