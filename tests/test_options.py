@@ -41,13 +41,46 @@ def _metrics(ms):
     return [{k: v for k, v in m.as_dict().items() if k != "seconds"} for m in ms]
 
 
-def test_the_default_update_is_plain_adam_without_weight_decay():
-    _, t = _trainer()
+def test_the_default_update_is_plain_adam_whose_only_weight_decay_is_the_regularizer():
+    _, t = _trainer(lam=500.0)
     opt = t.update.optimizer
     assert type(opt) is torch.optim.Adam
-    group = opt.param_groups[0]
-    assert group["weight_decay"] == 0 and group["foreach"] is None and group["fused"] is None
-    assert not group["amsgrad"] and group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+    for group in opt.param_groups:
+        assert group["foreach"] is None and group["fused"] is None and not group["amsgrad"]
+        assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["lr"] == 1e-3
+        # 2 * lambda / numel: the gradient of lambda * mean(delta^2), nothing else.
+        for p in group["params"]:
+            assert group["weight_decay"] == pytest.approx(2 * 500.0 / p.numel(), rel=1e-12)
+    _, plain = _trainer(lam=0.0)
+    assert [g["weight_decay"] for g in plain.update.optimizer.param_groups] == [0.0]
+
+
+@pytest.mark.parametrize("kind", ["mean_sq", "sum_sq"])
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_weight_decay_groups_equal_the_closed_form_over_20_steps(kind, step_in_backward, monkeypatch):
+    """Adam's coupled weight decay c_i * delta_i is the closed-form L_lip gradient, step for step
+    (bitwise on CPU: the same ``grad + c_i * delta_i`` with the same c_i)."""
+    options = dict(steps=20, lam=500.0 if kind == "mean_sq" else 0.05, regularizer=kind,
+                   step_in_backward=step_in_backward)
+    _, grouped = _trainer(**options)
+    assert grouped.update.decay is not None
+    with monkeypatch.context() as m:
+        m.setattr("trainer.objective.Regularizer.weight_decay", lambda self, delta, lam: None)
+        _, closed = _trainer(**options)
+    assert closed.update.decay is None
+    m_grouped, m_closed = _run(grouped), _run(closed)
+    assert torch.equal(_flat(grouped), _flat(closed))
+    assert _flat(grouped).abs().max() > 1e-3  # it moved
+    assert m_grouped[-1].lip == pytest.approx(m_closed[-1].lip, rel=1e-5)
+    # The two keep the same resume layout: the closed-form run continues the grouped one exactly.
+    _, more_grouped = _trainer(**{**options, "steps": 22})
+    more_grouped.load_state_dict(grouped.state_dict())
+    with monkeypatch.context() as m:
+        m.setattr("trainer.objective.Regularizer.weight_decay", lambda self, delta, lam: None)
+        _, more_closed = _trainer(**{**options, "steps": 22})
+    more_closed.load_state_dict(grouped.state_dict())
+    _run(more_grouped, 2), _run(more_closed, 2)
+    assert torch.equal(_flat(more_grouped), _flat(more_closed))
 
 
 def test_step_in_backward_is_bitwise_the_faithful_step_and_resumes_interchangeably():

@@ -77,6 +77,22 @@ class Regularizer:
         else:
             self.add_tensor_grads_(delta.tensors(), delta.grads(), lam)
 
+    def coefficient(self, numel: int, lam: float) -> float:
+        """``c_i`` of ``lam * dL_lip/d(delta_i) = c_i * delta_i`` (L2 kinds) or ``c_i * sign(delta_i)`` (l1)."""
+        return (lam if self.kind == "l1" else 2.0 * lam) * self.weight(numel)
+
+    def weight_decay(self, delta: ParameterDelta, lam: float) -> list[float] | None:
+        """Per-tensor coefficients when the closed form is Adam's own (coupled) weight decay.
+
+        For the L2 kinds on the full delta, ``lam * dL_lip/d(delta_i) = c_i delta_i`` is exactly
+        what ``torch.optim.Adam(weight_decay=c_i)`` adds to the gradient inside its kernel, so
+        the optimizer can apply the regularizer with no pass of ours over the deltas.  ``None``
+        where it is not (``l1``, the low-rank factors).
+        """
+        if self.kind == "l1" or isinstance(delta, LowRankDelta):
+            return None
+        return [self.coefficient(b.numel(), lam) for b in delta.base.values()]
+
     @torch.no_grad()
     def add_tensor_grads_(self, deltas: Sequence[Tensor], grads: Sequence[Tensor], lam: float) -> None:
         """The full-delta closed form, allocation-free for the L2 kinds.
@@ -88,19 +104,18 @@ class Regularizer:
         if lam == 0 or not deltas:
             return
         sources = torch._foreach_sign(list(deltas)) if self.kind == "l1" else list(deltas)
-        factor = lam if self.kind == "l1" else 2.0 * lam
         groups: dict[int, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
         for d, s, g in zip(deltas, sources, grads):
             key = 1 if self.kind == "sum_sq" else d.numel()
             groups[key][0].append(g)
             groups[key][1].append(s)
         for key, (gs, ss) in groups.items():
-            torch._foreach_add_(gs, ss, alpha=factor * self.weight(key))
+            torch._foreach_add_(gs, ss, alpha=self.coefficient(key, lam))
 
     def _add_lowrank_grad_(self, delta: LowRankDelta, lam: float) -> None:
         delta.grads()
         for name, base in delta.base.items():
-            coef = 2.0 * lam * self.weight(base.numel())
+            coef = self.coefficient(base.numel(), lam)
             if name in delta.factored:
                 b, a = delta.factors(name)
                 b.grad.add_(b @ (a @ a.T), alpha=coef)

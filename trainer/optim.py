@@ -1,8 +1,12 @@
 """How a step's gradients become an update of the delta: the paper's Adam, and its lean variant.
 
-Both updates add ``lambda * dL_lip/d(delta)`` in closed form (:mod:`trainer.objective`) to the
-denoising gradient, refuse a non-finite gradient before it reaches the delta, and step
-``torch.optim.Adam`` (lr, no weight decay, no schedule, no clipping):
+Both updates give Adam the gradient of the paper's summed loss, refuse a non-finite gradient
+before it reaches the delta, and step ``torch.optim.Adam`` (lr, no schedule, no clipping).
+``lambda * dL_lip/d(delta)`` comes in closed form (:mod:`trainer.objective`): for the L2 kinds
+on the full delta it is ``c_i * delta_i``, which is exactly Adam's coupled ``weight_decay`` with
+a per-tensor coefficient, so the tensors are grouped by coefficient into parameter groups and
+Adam applies it inside its own kernel (no pass of ours over the deltas); otherwise (``l1``, the
+low-rank factors, 8-bit Adam) it is added to the gradients before the step.
 
 * :class:`AdamUpdate` - the paper's: after backward, on all tensors at once.
 * :class:`StepInBackwardUpdate` (``step_in_backward``) - each tensor's Adam steps as soon as its
@@ -27,8 +31,10 @@ from .lowrank import LowRankDelta
 from .objective import NonFiniteLossError, Regularizer
 
 
-def make_adam(params: Sequence[Tensor], lr: float, impl: AdamImpl = "default") -> torch.optim.Optimizer:
-    """``Adam(params, lr, weight_decay=0)`` with the requested kernel."""
+def make_adam(params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
+              impl: AdamImpl = "default") -> torch.optim.Optimizer:
+    """``Adam(params, lr)`` with the requested kernel; ``params`` may be parameter groups
+    (each with its ``weight_decay``), otherwise there is no weight decay."""
     params = list(params)
     if impl in ("default", "foreach", "fused"):
         kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
@@ -48,30 +54,60 @@ def make_update(delta: ParameterDelta, regularizer: Regularizer, config: TrainCo
     return cls(delta, regularizer, config)
 
 
+def _weight_decay(delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> list[float] | None:
+    """Per-tensor Adam weight decay that applies ``lambda * dL_lip``, or ``None`` (closed form)."""
+    return None if config.adam == "8bit" else regularizer.weight_decay(delta, config.lam)
+
+
 class AdamUpdate:
-    """The paper's update: ``grad += lambda dL_lip``, finiteness check, one Adam step."""
+    """The paper's update: the gradient of ``L_denoise + lambda L_lip``, a finiteness check,
+    one Adam step.
+
+    :meth:`state_dict` uses one layout whatever the parameter groups: Adam's per-tensor state
+    keyed by the tensor's position in ``delta.tensors()`` and one group, as a single
+    ``torch.optim.Adam`` over those tensors writes it, so resume files are interchangeable
+    between the updates.
+    """
 
     def __init__(self, delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> None:
         self.delta, self.regularizer, self.lam = delta, regularizer, config.lam
-        self.optimizer = make_adam(delta.tensors(), config.lr, config.adam)
+        self.decay = _weight_decay(delta, regularizer, config)
+        tensors = delta.tensors()
+        if self.decay is None:
+            self.optimizer = make_adam(tensors, config.lr, config.adam)
+        else:
+            groups: dict[float, list[Tensor]] = {}
+            for t, c in zip(tensors, self.decay):
+                groups.setdefault(c, []).append(t)
+            self.optimizer = make_adam([{"params": ts, "weight_decay": c} for c, ts in groups.items()],
+                                       config.lr, config.adam)
+        position = {id(t): i for i, t in enumerate(tensors)}
+        self._order = [position[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, step_no: int) -> None:
         """Apply the update; raise :class:`NonFiniteLossError` leaving the delta unchanged."""
-        self.regularizer.add_grad_(self.delta, self.lam)
         grads = self.delta.grads()
+        if self.decay is None:
+            self.regularizer.add_grad_(self.delta, self.lam)
         if not torch.isfinite(torch.stack(torch._foreach_norm(grads)).norm()):
             self.zero_grad()
             raise NonFiniteLossError(f"gradient became non-finite at step {step_no}: lower the learning rate")
         self.optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        own = self.optimizer.state_dict()
+        group = {k: v for k, v in own["param_groups"][0].items() if k not in ("params", "weight_decay")}
+        return {"state": {self._order[i]: s for i, s in own["state"].items()},
+                "param_groups": [{**group, "weight_decay": 0.0, "params": list(range(len(self._order)))}]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+        own = self.optimizer.state_dict()  # this run's groups and hyperparameters, the saved moments
+        where = {tensor_index: i for i, tensor_index in enumerate(self._order)}
+        own["state"] = {where[int(i)]: s for i, s in state["state"].items()}
+        self.optimizer.load_state_dict(own)
 
 
 class StepInBackwardUpdate(AdamUpdate):
@@ -88,7 +124,10 @@ class StepInBackwardUpdate(AdamUpdate):
                               "Use step_in_backward with the full delta only")
         self.delta, self.regularizer, self.lam = delta, regularizer, config.lam
         self.params = delta.tensors()
-        self.optimizers = [make_adam([p], config.lr, config.adam) for p in self.params]
+        self.decay = _weight_decay(delta, regularizer, config)
+        self.optimizers = [make_adam([p] if self.decay is None else [{"params": [p], "weight_decay": c}],
+                                     config.lr, config.adam)
+                           for p, c in zip(self.params, self.decay or [0.0] * len(self.params))]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._stepped: set[int] = set()
         self._bad: Tensor | None = None
@@ -96,7 +135,8 @@ class StepInBackwardUpdate(AdamUpdate):
 
     def _hook(self, p: Tensor) -> None:
         i = self._index[id(p)]
-        self.regularizer.add_tensor_grads_([p], [p.grad], self.lam)
+        if self.decay is None:
+            self.regularizer.add_tensor_grads_([p], [p.grad], self.lam)
         bad = ~torch.isfinite(p.grad).all()
         self._bad = bad if self._bad is None else self._bad | bad
         self.optimizers[i].step()
@@ -122,11 +162,14 @@ class StepInBackwardUpdate(AdamUpdate):
     def state_dict(self) -> dict[str, Any]:
         state = {i: opt.state_dict()["state"][0] for i, opt in enumerate(self.optimizers)
                  if 0 in opt.state_dict()["state"]}
-        group = {k: v for k, v in self.optimizers[0].state_dict()["param_groups"][0].items() if k != "params"}
-        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        group = {k: v for k, v in self.optimizers[0].state_dict()["param_groups"][0].items()
+                 if k not in ("params", "weight_decay")}
+        return {"state": state,
+                "param_groups": [{**group, "weight_decay": 0.0, "params": list(range(len(self.params)))}]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        group = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+        saved = {int(i): s for i, s in state["state"].items()}
         for i, opt in enumerate(self.optimizers):
-            opt.load_state_dict({"state": {0: state["state"][i]} if i in state["state"] else {},
-                                 "param_groups": [{**group, "params": [0]}]})
+            own = opt.state_dict()
+            own["state"] = {0: saved[i]} if i in saved else {}
+            opt.load_state_dict(own)
