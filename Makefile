@@ -41,11 +41,16 @@ test: venv comfyui tiny-ckpt browser-deps
 demo: venv comfyui tiny-ckpt
 	$(VPY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
 
-# Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure.
+# Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure, recorded in
+# docs/bench_cpu.json and rendered into README.md and docs/performance.md.
 # bench-gpu: SD1.5-shaped U-Net at 512 px on CUDA; exits non-zero without a CUDA device.
-.PHONY: bench bench-gpu
+.PHONY: bench bench-gpu bench-fullsize
 bench: venv comfyui tiny-ckpt
 	$(VPY) tools/bench.py $(BENCH_ARGS)
+
+# bench-fullsize: the full-size SD1.5 U-Net (random weights) on CPU: disk figures; needs ~14 GB RAM.
+bench-fullsize: venv comfyui
+	$(VPY) tools/bench_fullsize.py
 
 bench-gpu: venv comfyui
 	$(VPY) tools/bench_gpu.py $(BENCH_ARGS)

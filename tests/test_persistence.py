@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import random
 import re
 import signal
@@ -397,3 +398,76 @@ def test_every_file_the_product_writes_goes_through_the_atomic_writer():
             if p.relative_to(REPO_ROOT).parts[0] != "tools" and p.name != "toy.py"
             for n, code in _code(p) if writers.search(code)]
     assert hits and all(h.startswith("trainer/persist.py:") for h in hits), hits
+
+
+# -- disk: the cap on auto-saved runs, compact resume state ---------------------------------------
+def _file_of(folder: Path, name: str, nbytes: int, age_s: float) -> Path:
+    path = folder / name
+    path.write_bytes(b"\0" * nbytes)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_auto_saved_runs_are_evicted_least_recently_used_first(store, monkeypatch):
+    folder = store.delta_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv(store.AUTO_CACHE_ENV, str(2500 / 1e9))  # a 2500-byte cap
+    oldest = _file_of(folder, "auto_a.safetensors", 1000, age_s=300)
+    used = _file_of(folder, "auto_b.safetensors", 1000, age_s=200)
+    middle = _file_of(folder, "auto_c.safetensors", 1000, age_s=100)
+    mine = _file_of(folder, "my_dog_00001.safetensors", 5000, age_s=400)  # Save Delta's: never evicted
+    store.mark_used(used)  # reloaded just now
+    new = _file_of(folder, "auto_new.safetensors", 1000, age_s=0)
+    evicted = store.evict_auto(keep=new)
+    assert [name for name, _ in evicted] == ["auto_a.safetensors", "auto_c.safetensors"]
+    assert not oldest.exists() and not middle.exists()
+    assert used.exists() and new.exists() and mine.exists()
+    # The run just written is kept even when it alone is over the cap.
+    monkeypatch.setenv(store.AUTO_CACHE_ENV, "0")
+    assert [n for n, _ in store.evict_auto(keep=new)] == ["auto_b.safetensors"] and new.exists()
+
+
+def test_a_bad_cache_cap_falls_back_to_the_default(store, monkeypatch):
+    monkeypatch.setenv(store.AUTO_CACHE_ENV, "lots")
+    assert store.auto_cache_cap() == int(store.DEFAULT_AUTO_CACHE_GB * 1e9)
+    monkeypatch.setenv(store.AUTO_CACHE_ENV, "-1")
+    assert store.auto_cache_cap() == int(store.DEFAULT_AUTO_CACHE_GB * 1e9)
+
+
+def test_compact_moments_round_trip_close_and_never_zero_the_second_moment(persist):
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(37, 300, generator=g) * torch.logspace(-9, -5, 300)  # decades apart within a block
+    v = (torch.randn(37, 300, generator=g) * torch.logspace(-8, -4, 300)) ** 2
+    # (a harsh case: four decades inside every block of 256; the error is the large values' rounding)
+    for key, t, tol in (("exp_avg", m, 3e-2), ("exp_avg_sq", v, 3e-2)):
+        codes, scale = persist.quantize_moment(t, key)
+        assert codes.element_size() == 1 and scale.numel() == -(-t.numel() // persist.BLOCK)
+        back = persist.dequantize_moment(codes, scale, key, tuple(t.shape))
+        assert back.shape == t.shape and ((back - t).norm() / t.norm()) < tol, key
+    # Adam divides by sqrt(v): a tiny v next to a large one must not come back as 0.
+    back_v = persist.dequantize_moment(*persist.quantize_moment(v, "exp_avg_sq"), "exp_avg_sq", tuple(v.shape))
+    assert (back_v > 0).all()
+
+
+def test_compact_trainer_state_is_a_quarter_of_the_moments_and_resumes(tmp_path, persist):
+    model = torch.nn.Linear(256, 128)
+    names = [n for n, _ in model.named_parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(torch.randn(2, 256)).square().sum().backward()
+        opt.step()
+    state = {"delta": {}, "optimizer": opt.state_dict(), "generator": torch.Generator().get_state(), "step": 3}
+    full, _ = persist.flatten_trainer_state(state, names, "fp32")
+    compact, meta = persist.flatten_trainer_state(state, names, "int8")
+    size = lambda ts: sum(t.numel() * t.element_size() for k, t in ts.items() if k.startswith("adam."))  # noqa: E731
+    assert size(compact) < 0.27 * size(full)
+    back = persist.unflatten_trainer_state(
+        {**compact, **{f"delta.{n}": p.detach() for n, p in model.named_parameters()}}, meta, names)
+    for i in range(len(names)):
+        for k in ("exp_avg", "exp_avg_sq"):
+            ref = state["optimizer"]["state"][i][k]
+            assert back["optimizer"]["state"][i][k].dtype == torch.float32
+            assert ((back["optimizer"]["state"][i][k] - ref).norm() / ref.norm()) < 1e-2
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(back["optimizer"])  # a plain Adam takes it as its own

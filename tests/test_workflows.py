@@ -176,8 +176,8 @@ def test_grid_validates_label_counts_and_names_the_input():
         grid.make_grid(rows, ["a", "b", "c"], ["x", "y", "z"])
     with pytest.raises(ValueError, match="column_labels: 2 label\\(s\\) for 3 column"):
         grid.make_grid(rows, ["a", "b"], ["x", "y"])
-    with pytest.raises(ValueError, match="row_labels"):
-        grid.LipschitzLabeledGrid.execute(rows[0], row_labels="a\nb", column_labels="", images_2=None)
+    with pytest.raises(ValueError, match="row_labels: 2 label\\(s\\) for 1 row"):
+        grid.make_grid(rows[:1], grid.parse_labels("a\nb\n"), [])
 
 
 def test_grid_layout_resizes_rows_and_draws_labels_on_white():

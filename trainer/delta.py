@@ -67,9 +67,9 @@ class ParameterDelta:
 
     # -- persistence ----------------------------------------------------------------------
     @torch.no_grad()
-    def state_dict(self) -> dict[str, Tensor]:
-        """CPU fp32 copies of the deltas, keyed by parameter name."""
-        return {name: d.detach().to("cpu", copy=True) for name, d in self.delta.items()}
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """CPU copies of the deltas in ``dtype`` (fp32: exact), keyed by parameter name."""
+        return {name: d.detach().to("cpu", dtype, copy=True) for name, d in self.delta.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:

@@ -124,9 +124,14 @@ class RegularizedTrainer:
         self.update.step(self.step_count + 1)
         self.step_count += 1
         lip, delta_norm = self.regularizer.measure(self.delta)
+        no_prior = torch.zeros((), device=denoise.device)
+        # One device-to-host copy for every metric of the step (a single synchronisation).
+        loss_v, denoise_v, prior_v, lip_v, norm_v = torch.stack(
+            [loss.detach(), denoise.detach(), (prior if prior is not None else no_prior).detach(),
+             lip.to(denoise.device), delta_norm.to(denoise.device)]).tolist()
         return StepMetrics(
-            step=self.step_count, total=c.steps, loss=loss.item() + c.lam * float(lip), denoise=denoise.item(),
-            prior=None if prior is None else prior.item(), lip=float(lip), delta_norm=float(delta_norm),
+            step=self.step_count, total=c.steps, loss=loss_v + c.lam * lip_v, denoise=denoise_v,
+            prior=None if prior is None else prior_v, lip=lip_v, delta_norm=norm_v,
             seconds=time.perf_counter() - start)
 
     def _denoise(self, source: DataSource) -> Tensor:
@@ -144,10 +149,11 @@ class RegularizedTrainer:
         return torch.autocast(self.delta.tensors()[0].device.type, dtype=torch.bfloat16)
 
     # -- resume ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a bitwise-exact resume needs: deltas, Adam state, generator, step."""
+    def state_dict(self, with_delta: bool = True) -> dict[str, Any]:
+        """Everything a bitwise-exact resume needs: deltas, Adam state, generator, step
+        (``with_delta=False``: all but the deltas, for a caller that stores them itself)."""
         return {
-            "delta": self.delta.state_dict(),
+            "delta": self.delta.state_dict() if with_delta else {},
             "optimizer": self.update.state_dict(),
             "generator": self.generator.get_state(),
             "step": self.step_count,

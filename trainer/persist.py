@@ -4,12 +4,14 @@ A training run is half an hour of someone's GPU: a file we write is either compl
 absent (temporary file in the same folder, fsync, rename), and carries a SHA-256 of its
 tensors and metadata in its metadata, so a truncated or altered file is refused instead of loaded.  No
 pickle anywhere.  :func:`flatten_trainer_state` turns a trainer's resume state (deltas, Adam
-moments, generator) into plain named tensors for the same format.
+moments, generator) into plain named tensors for the same format, with the moments either exact
+(fp32) or compact (8 bits per value, block-wise scaled: a quarter of the size).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -87,34 +89,88 @@ def load_verified(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
 
 
 # -- trainer resume state as named tensors ------------------------------------------------
-def flatten_trainer_state(state: Mapping[str, Any], names: list[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+MOMENT_FORMATS: tuple[str, ...] = ("fp32", "int8")
+BLOCK = 256
+
+
+def quantize_moment(t: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    """An Adam moment -> (8-bit codes, one fp32 scale per block of :data:`BLOCK` values).
+
+    ``exp_avg`` (signed) is stored as ``round(127 x / absmax)``; ``exp_avg_sq`` as
+    ``round(255 sqrt(v) / max)``: its square root spans half the decades, and a value that
+    rounds to 0 comes back as half a step (:func:`dequantize_moment`), never as 0, so a resumed
+    Adam step ``m / (sqrt(v) + eps)`` cannot blow up where ``m`` survived and ``v`` did not.
+    """
+    flat = t.detach().float().reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
+    if key == "exp_avg_sq":
+        root = flat.clamp_min(0).sqrt()
+        scale = root.amax(dim=1)
+        codes = torch.round(root / scale.clamp_min(1e-38)[:, None] * 255).to(torch.uint8)
+    else:
+        scale = flat.abs().amax(dim=1)
+        codes = torch.round(flat / scale.clamp_min(1e-38)[:, None] * 127).to(torch.int8)
+    return codes.reshape(-1), scale
+
+
+def dequantize_moment(codes: Tensor, scale: Tensor, key: str, shape: tuple[int, ...]) -> Tensor:
+    numel = math.prod(shape)
+    blocks = codes.view(-1, BLOCK).float()
+    if key == "exp_avg_sq":
+        root = torch.where(blocks > 0, blocks, 0.5) * (scale[:, None] / 255)
+        values = root.square()
+    else:
+        values = blocks * (scale[:, None] / 127)
+    return values.reshape(-1)[:numel].reshape(shape).contiguous()
+
+
+def flatten_trainer_state(state: Mapping[str, Any], names: list[str],
+                          moments: str = "fp32") -> tuple[dict[str, Tensor], dict[str, str]]:
     """``RegularizedTrainer.state_dict()`` -> (tensors, metadata) for :func:`save_verified`.
 
     Adam's per-parameter state is keyed by the parameter's position; ``names`` (the delta's
-    names in order) turns it into stable names.
+    names in order) turns it into stable names.  ``moments="int8"`` stores Adam's moments in
+    8 bits (:func:`quantize_moment`): a resumed run then continues from those rounded values.
     """
+    if moments not in MOMENT_FORMATS:
+        raise ValueError(f"moments must be one of {MOMENT_FORMATS}, got {moments!r}")
     tensors: dict[str, Tensor] = {f"delta.{n}": t for n, t in state["delta"].items()}
-    for idx, moments in state["optimizer"]["state"].items():
-        for key, value in moments.items():
-            tensors[f"adam.{key}.{names[idx]}"] = torch.as_tensor(value).reshape(-1) if key == "step" else value
+    for idx, per_param in state["optimizer"]["state"].items():
+        for key, value in per_param.items():
+            name = f"adam.{key}.{names[idx]}"
+            if key == "step":
+                tensors[name] = torch.as_tensor(value).reshape(-1)
+            elif moments == "int8":
+                tensors[name], tensors[name + ".scale"] = quantize_moment(value, key)
+            else:
+                tensors[name] = value
     tensors["generator"] = state["generator"]
-    meta = {"step": str(state["step"]), "param_groups": json.dumps(state["optimizer"]["param_groups"])}
+    meta = {"step": str(state["step"]), "param_groups": json.dumps(state["optimizer"]["param_groups"]),
+            "moments": moments}
     return tensors, meta
 
 
 def unflatten_trainer_state(tensors: Mapping[str, Tensor], meta: Mapping[str, str], names: list[str]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_trainer_state`."""
+    """Inverse of :func:`flatten_trainer_state` (compact moments come back as fp32)."""
+    deltas = {n: tensors[f"delta.{n}"] for n in names}
     opt_state: dict[int, dict[str, Tensor]] = {}
     for idx, name in enumerate(names):
-        moments = {}
+        per_param = {}
         for key in ("step", "exp_avg", "exp_avg_sq"):
             t = tensors.get(f"adam.{key}.{name}")
-            if t is not None:
-                moments[key] = t.reshape(()) if key == "step" else t
-        if moments:
-            opt_state[idx] = moments
+            if t is None:
+                continue
+            if key == "step":
+                per_param[key] = t.reshape(())
+            elif f"adam.{key}.{name}.scale" in tensors:
+                per_param[key] = dequantize_moment(t, tensors[f"adam.{key}.{name}.scale"], key,
+                                                   tuple(deltas[name].shape))
+            else:
+                per_param[key] = t
+        if per_param:
+            opt_state[idx] = per_param
     return {
-        "delta": {n: tensors[f"delta.{n}"] for n in names},
+        "delta": deltas,
         "optimizer": {"state": opt_state, "param_groups": json.loads(meta["param_groups"])},
         "generator": tensors["generator"],
         "step": int(meta["step"]),

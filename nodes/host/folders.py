@@ -1,12 +1,14 @@
 """``models/lipschitz_deltas``: where delta files live, and their names.
 
 * ``auto_<key>.safetensors`` - a finished personalization, keyed by
-  :func:`.delta_file.run_key`, loaded instead of retraining;
+  :func:`.delta_file.run_key`, loaded instead of retraining; together they are kept under a cap
+  (``LIPSCHITZ_AUTO_CACHE_GB``, 20 GB by default) by evicting the least recently used;
 * ``partial_<key>.safetensors`` - a run stopped early, with its resume state;
-* whatever ``LipschitzSaveDelta`` writes (``<prefix>_NNNNN.safetensors``).
+* whatever ``LipschitzSaveDelta`` writes (``<prefix>_NNNNN.safetensors``), never evicted.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -16,6 +18,9 @@ import folder_paths
 
 FOLDER = "lipschitz_deltas"
 STALE_TMP_SECONDS = 600
+AUTO_CACHE_ENV = "LIPSCHITZ_AUTO_CACHE_GB"
+DEFAULT_AUTO_CACHE_GB = 20.0
+log = logging.getLogger(__name__)
 
 
 def delta_dir() -> Path:
@@ -61,3 +66,46 @@ def next_free(prefix: str) -> Path:
     while (folder / f"{base}_{n:05d}.safetensors").exists():
         n += 1
     return folder / f"{base}_{n:05d}.safetensors"
+
+
+def gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def auto_cache_cap() -> int:
+    """Bytes the auto-saved runs may take together (``LIPSCHITZ_AUTO_CACHE_GB``)."""
+    raw = os.environ.get(AUTO_CACHE_ENV, "")
+    try:
+        cap = float(raw) if raw.strip() else DEFAULT_AUTO_CACHE_GB
+        if cap < 0:
+            raise ValueError(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number of GB >= 0; using %g", AUTO_CACHE_ENV, raw, DEFAULT_AUTO_CACHE_GB)
+        cap = DEFAULT_AUTO_CACHE_GB
+    return int(cap * 1e9)
+
+
+def mark_used(path: Path) -> None:
+    """A reloaded run counts as recently used (eviction goes by modification time)."""
+    os.utime(path)
+
+
+def evict_auto(keep: Path) -> list[tuple[str, int]]:
+    """Delete the least recently used ``auto_*`` runs (never ``keep``) until the rest fit the
+    cap; returns the (name, bytes) evicted.  Files written by Save Delta are not touched."""
+    cap = auto_cache_cap()
+    runs = sorted(delta_dir().glob("auto_*.safetensors"), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in runs)
+    evicted = []
+    for path in runs:
+        if total <= cap:
+            break
+        if path == keep:
+            continue
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        total -= size
+        evicted.append((path.name, size))
+        log.info("LipschitzPersonalize: evicted %s (%s) to keep auto-saved runs under %s (%s)",
+                 path.name, gb(size), gb(cap), AUTO_CACHE_ENV)
+    return evicted

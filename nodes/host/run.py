@@ -25,13 +25,15 @@ from ...trainer.job import TrainingJob
 from ...trainer.loop import CachedExamples, RegularizedTrainer
 from ...trainer.metrics import TrainingLog
 from . import adapter
-from .delta_file import TrainedDelta, load_delta_file, run_key, save_delta_file, trainer_state
+from .delta_file import (DEFAULT_DELTA_DTYPE, DELTA_DTYPES, TrainedDelta, file_nbytes, load_delta_file,
+                         moment_format, run_key, save_delta_file, trainer_state)
 from .errors import NodeInputError
-from .folders import auto_path, partial_path
+from .folders import auto_path, evict_auto, gb, mark_used, partial_path
 from .images import resize_batch
 from .progress import NodeProgress
 
-__all__ = ["DEFAULTS", "PRECISIONS", "REGULARIZERS", "RunSpec", "TrainConfig", "personalize"]
+__all__ = ["DEFAULTS", "DEFAULT_DELTA_DTYPE", "DELTA_DTYPES", "PRECISIONS", "REGULARIZERS", "RunSpec", "TrainConfig",
+           "personalize"]
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,6 +54,7 @@ class RunSpec:
     resume: bool = False
     class_images: Tensor | None = None
     class_prompt: str = ""
+    delta_dtype: str = DEFAULT_DELTA_DTYPE
 
     def validate(self) -> None:
         """Every input, before any work; the error names the node input and the fix."""
@@ -63,6 +66,9 @@ class RunSpec:
             raise NodeInputError("prompt", "the prompt is empty", 'Write the instance prompt, e.g. "a photo of sks dog"')
         if self.images is None or self.images.shape[0] < 1:
             raise NodeInputError("images", "no reference image", "Connect 3-6 photos of the subject")
+        if self.delta_dtype not in DELTA_DTYPES:
+            raise NodeInputError("delta_dtype", f"unknown dtype {self.delta_dtype!r}",
+                                 f"Use one of {', '.join(DELTA_DTYPES)} (fp16 halves the file of fp32)")
         if self.class_images is not None and not (self.class_prompt and self.class_prompt.strip()):
             raise NodeInputError("class_prompt", "class images are connected but the class prompt is empty",
                                  'Write the class prompt, e.g. "a photo of a dog"')
@@ -90,12 +96,12 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
                  adapter.encode_prompt(spec.clip, spec.class_prompt)[0])
     loaded = adapter.load_for_training(spec.model, COMPUTE_DTYPES[config.precision])
     base_id = adapter.fingerprint(loaded.unet)
-    key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id,
+    key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
                    "class_prompt": spec.class_prompt if class_images is not None else None},
                   [images] + ([class_images] if class_images is not None else []))
     meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
             "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
-            "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key}
+            "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype}
     label = f"lambda={config.lam:g}"
 
     finished = _load_finished(key, loaded.unet, progress)
@@ -111,7 +117,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.
             training = _Training(_trainer(loaded, latents, cond, prior, config), key, meta,
-                                 TrainingLog(label, config.lam), progress)
+                                 TrainingLog(label, config.lam), progress, spec.delta_dtype)
             if spec.resume:
                 training.resume()
         delta, training_log = training.run()
@@ -132,6 +138,7 @@ def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta
         progress.text(f"warning: the saved run {done.name} is damaged ({exc}); moved it to {aside.name} "
                       "and training again")
         return None
+    mark_used(done)
     return delta, saved_log
 
 
@@ -150,8 +157,9 @@ class _Training:
     """One training run in the job thread: resume, relay progress and Cancel, save the outcome."""
 
     def __init__(self, trainer: RegularizedTrainer, key: str, meta: dict[str, str], training_log: TrainingLog,
-                 progress: NodeProgress) -> None:
+                 progress: NodeProgress, delta_dtype: str) -> None:
         self.trainer, self.key, self.meta, self.log, self.progress = trainer, key, meta, training_log, progress
+        self.delta_dtype = delta_dtype
         self.partial = partial_path(key)
 
     def run(self) -> tuple[TrainedDelta, TrainingLog]:
@@ -189,8 +197,11 @@ class _Training:
         result = self._save(done, "completed")
         self.partial.unlink(missing_ok=True)
         self.progress.finish("completed")
+        evicted = evict_auto(keep=done)
         self.progress.text(f"done: {outcome.steps_done} steps, |delta| {self.log.records[-1].delta_norm:.4f}; "
-                           f"saved models/lipschitz_deltas/{done.name}")
+                           f"saved models/lipschitz_deltas/{done.name} ({gb(done.stat().st_size)})"
+                           + (f"; evicted {len(evicted)} older auto-saved run(s), {gb(sum(n for _, n in evicted))}, "
+                              "to stay under the cache cap" if evicted else ""))
         return result, self.log
 
     def resume(self) -> None:
@@ -214,9 +225,18 @@ class _Training:
             self.progress.step(metrics)
 
     def _save(self, path, status: str) -> TrainedDelta:
-        result = TrainedDelta(self.trainer.delta.state_dict(),
+        """Write the delta in the run's dtype (plus the resume state of a stopped run); the
+        returned delta holds exactly the stored values, once."""
+        dtype = DELTA_DTYPES[self.delta_dtype]
+        result = TrainedDelta(self.trainer.delta.state_dict(dtype),
                               {**self.meta, "steps_done": str(self.trainer.step_count), "status": status})
         self.log.status = status
-        state = self.trainer.state_dict() if status != "completed" else None
-        save_delta_file(path, result, self.log, state)
+        if status == "completed":
+            save_delta_file(path, result, self.log)
+            return result
+        moments = moment_format(self.delta_dtype)
+        self.progress.text(f"saving the stopped run ({gb(file_nbytes(result, moments))})...")
+        save_delta_file(path, result, self.log, self.trainer.state_dict(with_delta=False), moments)
+        self.progress.text(f"saved the stopped run as models/lipschitz_deltas/{path.name} "
+                           f"({gb(path.stat().st_size)}); turn resume on to continue it")
         return result
