@@ -21,7 +21,9 @@ for path in sys.argv[2:]:
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
     out[path] = {"config": type(model.model.model_config).__name__,
                  "model": type(model.model).__name__,
-                 "clip": type(clip.cond_stage_model).__name__, "vae": vae is not None}
+                 "clip": type(clip.cond_stage_model).__name__, "vae": vae is not None,
+                 "unet": {k: v for k, v in model.model.model_config.unet_config.items()
+                          if isinstance(v, (int, float, str, bool, list, tuple)) and k != "dtype"}}
 print("RESULT " + json.dumps(out))
 """
 
@@ -33,7 +35,15 @@ def test_tiny_checkpoints_detected(tiny_ckpt, tiny_sdxl_ckpt):
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
     sd15, sdxl = res[str(tiny_ckpt)], res[str(tiny_sdxl_ckpt)]
+    unet = sd15.pop("unet")
     assert sd15 == {"config": "SD15", "model": "BaseModel", "clip": "SD1ClipModel", "vae": True}
+    # The benchmarks' bare loop trains the U-Net ComfyUI builds from this file (same heads, ...).
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from bench_models import SD15_TINY
+
+    for key in ("num_heads", "num_head_channels", "model_channels", "channel_mult", "num_res_blocks",
+                "transformer_depth", "transformer_depth_output", "context_dim", "use_linear_in_transformer"):
+        assert json.loads(json.dumps(SD15_TINY.get(key, False))) == json.loads(json.dumps(unet.get(key, False))), key
     assert sdxl["config"] == "SDXL" and sdxl["model"] == "SDXL"
     assert sdxl["clip"] == "SDXLClipModel"
 

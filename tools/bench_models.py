@@ -30,11 +30,16 @@ SD15_FULL = dict(
     context_dim=768, use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
     adm_in_channels=None,
 )
-# tools/make_tiny_checkpoint.py's SD15_UNET: one level, detected as SD15 by ComfyUI.
+# tools/make_tiny_checkpoint.py's SD15_UNET as ComfyUI loads it: one level, detected as SD15.
+# The head layout is not in the weights: ComfyUI gives every SD15-detected U-Net
+# supported_models.SD15.unet_extra_config (8 heads, num_head_channels=-1), so the node trains
+# that model and the bare loop must too (tests/test_harness.py checks it). Until 2026-11-23 this
+# said 5 heads of 64: the bare loop's attention was ~1.6x cheaper than the node's, which made
+# most of the node_overhead figure measured then.
 SD15_TINY = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=320, channel_mult=(1,),
     num_res_blocks=[1], transformer_depth=[1], transformer_depth_middle=1,
-    transformer_depth_output=[1, 1], num_head_channels=64, context_dim=768,
+    transformer_depth_output=[1, 1], num_heads=8, num_head_channels=-1, context_dim=768,
     use_spatial_transformer=True, legacy=False,
 )
 
