@@ -18,6 +18,7 @@ from graphs import CKPT, DATA, RES, personalize_inputs
 from trainer.persist import load_verified, read_metadata
 
 TRAIN_THREAD = "lipschitz-train"
+RESUME_TOLERANCE = 0.05  # compact resume (fp16 delta, 8-bit moments): relative distance to the straight run
 
 
 pytestmark = pytest.mark.server  # starts its own ComfyUI (skipped by -m "not server")
@@ -63,18 +64,21 @@ def _check_resume_state(path, steps_done: int) -> None:
     deltas = [k for k in tensors if k.startswith("diffusion_model.")]
     assert deltas and int(meta["steps_done"]) == steps_done
     for moment in ("exp_avg", "exp_avg_sq", "step"):
-        assert sum(k.startswith(f"adam.{moment}.") for k in tensors) == len(deltas), moment
+        stored = [k for k in tensors if k.startswith(f"adam.{moment}.") and not k.endswith(".scale")]
+        assert len(stored) == len(deltas), moment
+        if moment != "step":  # the default fp16 delta keeps its moments in 8 bits, block-scaled
+            assert all(tensors[k].dtype in (torch.int8, torch.uint8) and k + ".scale" in tensors for k in stored)
     assert "generator" in tensors and int(meta["step"]) == steps_done
     assert all(torch.isfinite(tensors[k]).all() for k in deltas)
 
 
-def _after_run(server, rss_before: int | None = None) -> dict:
+def _after_run(server, rss_before: int | None = None, label: str = "") -> dict:
     check = check_prompt(server.client, CKPT)  # also: the next prompt works
     assert check["hash"] == server.expected_hash, "the base U-Net changed"
     assert TRAIN_THREAD not in check["threads"], f"a training thread survived: {check['threads']}"
     if rss_before is not None:
         assert check["rss"] <= rss_before * 1.10, (
-            f"memory did not come back: {rss_before / 2**20:.0f} -> {check['rss'] / 2**20:.0f} MiB")
+            f"{label}: memory did not come back: {rss_before / 2**20:.0f} -> {check['rss'] / 2**20:.0f} MiB")
     return check
 
 
@@ -109,7 +113,7 @@ def test_interrupts_at_random_steps(srv):
         done = int(meta["steps_done"])
         assert meta["status"] == "interrupted" and k <= done <= k + 2, (k, meta["status"], done)
         _check_resume_state(partial, done)
-        check = _after_run(srv, rss_before)
+        check = _after_run(srv, rss_before, f"interrupted run {i}")
         runs.append((k, done, rss_before, check["rss"]))
         partial.unlink()
     print("\n[interrupts] (k, steps_done, rss_before_MiB, rss_after_MiB):",
@@ -156,9 +160,13 @@ def test_an_exception_in_the_training_thread_reaches_the_ui_with_its_cause(srv):
     partial.unlink()
 
 
-def test_resume_after_an_interrupt_is_bitwise_the_uninterrupted_run(srv):
+@pytest.mark.parametrize("delta_dtype", ["fp32", "fp16"])
+def test_resume_after_an_interrupt_continues_the_uninterrupted_run(srv, delta_dtype):
+    """fp32: the stopped run keeps everything, and the resumed run is bitwise the straight one.
+    fp16 (the default): the stopped run keeps the fp16 delta and 8-bit moments, and the
+    resumed run ends close to the straight one (how close is printed and bounded)."""
     steps, seed = 6, 43
-    graph = _graph(seed=seed, steps=steps)
+    graph = _graph(seed=seed, steps=steps, delta_dtype=delta_dtype)
     before = _files(srv, "auto")
     straight = srv.client.run(graph, timeout=600)
     assert straight.status == "success", straight.error
@@ -174,12 +182,19 @@ def test_resume_after_an_interrupt_is_bitwise_the_uninterrupted_run(srv):
     done = int(read_metadata(partial)["steps_done"])
     assert 2 <= done < steps
 
-    resumed = srv.client.run(_graph(seed=seed, steps=steps, resume=True), timeout=600)
+    resumed = srv.client.run(_graph(seed=seed, steps=steps, resume=True, delta_dtype=delta_dtype), timeout=600)
     assert resumed.status == "success", (resumed.error or {}).get("exception_message")
     assert [e["step"] for e in resumed.events("lipschitz.progress")] == list(range(done + 1, steps + 1))
     again = _delta_tensors(auto)
     assert again.keys() == reference.keys()
-    assert all(torch.equal(again[k], reference[k]) for k in reference), "resume is not bitwise the straight run"
+    if delta_dtype == "fp32":
+        assert all(torch.equal(again[k], reference[k]) for k in reference), "resume is not bitwise the straight run"
+    else:
+        diff = torch.cat([(again[k].float() - reference[k].float()).flatten() for k in reference]).norm()
+        size = torch.cat([reference[k].float().flatten() for k in reference]).norm()
+        print(f"\n[resume {delta_dtype}] ||resumed - straight|| / ||straight|| = {diff / size:.2e} "
+              f"(stopped at step {done} of {steps})")
+        assert 0 < diff / size < RESUME_TOLERANCE
     assert not partial.exists(), "the partial file is removed once the run completes"
     assert read_metadata(auto)["steps_done"] == str(steps)
     _after_run(srv)
