@@ -37,6 +37,15 @@ def unet_hash(named_tensors) -> str:
     return h.hexdigest()
 
 
+class _OutputNode:
+    """What every test-only output node declares (V1 node API)."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/lipschitz"
+
+
 class LipschitzTestFaultHook:
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,15 +87,11 @@ class LipschitzTestFaultHook:
         return (model,)
 
 
-class LipschitzTestUNetHash:
+class LipschitzTestUNetHash(_OutputNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",)}}
 
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    CATEGORY = "testing/lipschitz"
 
     @classmethod
     def IS_CHANGED(cls, **_kwargs):
@@ -106,17 +111,13 @@ NODE_CLASS_MAPPINGS = {
 }
 
 
-class LipschitzTestProcess:
+class LipschitzTestProcess(_OutputNode):
     """The server process's resident memory and live Python thread names, as UI text."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {}, "optional": {"after": ("LATENT",)}}
 
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    CATEGORY = "testing/lipschitz"
 
     @classmethod
     def IS_CHANGED(cls, **_kwargs):
@@ -137,17 +138,13 @@ class LipschitzTestProcess:
 NODE_CLASS_MAPPINGS["LipschitzTestProcess"] = LipschitzTestProcess
 
 
-class LipschitzTestSink:
+class LipschitzTestSink(_OutputNode):
     """Output node for graphs that only train: reports the DELTA's steps and status."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"delta": ("DELTA",)}}
 
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    CATEGORY = "testing/lipschitz"
 
     def run(self, delta):
         return {"ui": {"text": [str(delta.steps_done), delta.meta.get("status", "")]}}
