@@ -5,6 +5,11 @@
     python tools/bench.py --only speed       # a subset: speed, memory, node, toy
     python tools/bench.py --memory-child '{"lam": 500}'   # internal: one memory run
 
+Every figure is also merged into ``docs/bench_cpu.json`` (``--record``, on by default) with the
+date, machine and command that measured it, and ``tools/render_docs.py`` then rewrites the
+tables of README.md and docs/performance.md from that file: the docs quote the measurement,
+never a number typed by hand.
+
 The model is ComfyUI's ``UNetModel`` in the small SD15-detected configuration (25.8M
 parameters, the tiny checkpoint's U-Net) with seeded random weights, at ``--latent`` (32)
 latents, batch 1, fp32, gradient checkpointing on (the paper's and the node's default).
@@ -18,13 +23,14 @@ latents, batch 1, fp32, gradient checkpointing on (the paper's and the node's de
   activations that training adds, not torch itself.
 * node: ``LipschitzPersonalize`` through a real ComfyUI server (node wall time, from the
   websocket's ``executing`` messages) / the bare trainer loop for the same steps.
-* toy: wall time of ``trainer.toy.run_toy`` (the full toy reproduction).
+* toy: wall time of ``trainer.toy.run_toy`` (the full toy reproduction, one seed).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -37,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import REPO_ROOT, comfy_ready  # noqa: E402
 
 MACHINE = f"CPU, {os.cpu_count()} cores"
-TARGETS = {"reg_overhead": 1.03, "reg_memory": 1.05, "ref_memory": 0.9, "node_overhead": 1.10}
+TARGETS = {"reg_overhead": 1.03, "reg_memory": 1.05, "ref_memory": 0.9, "node_overhead": 1.10, "toy_seconds": 180.0}
+RECORD = REPO_ROOT / "docs" / "bench_cpu.json"
+EMITTED: dict[str, dict] = {}
 
 
 def emit(figure: str, value: float | None, **extra: Any) -> dict:
@@ -47,12 +55,24 @@ def emit(figure: str, value: float | None, **extra: Any) -> dict:
         line["met"] = value <= TARGETS[figure]
     line.update(extra)
     print(json.dumps(line), flush=True)
+    EMITTED[figure] = line
     return line
+
+
+def record(argv: list[str]) -> None:
+    """Merge this run's figures into docs/bench_cpu.json (one entry per figure, each with the
+    run that measured it) and re-render the docs' tables from it."""
+    data = json.loads(RECORD.read_text()) if RECORD.exists() else {"figures": {}}
+    run = {"date": time.strftime("%Y-%m-%d"), "machine": MACHINE, "load_avg_1m": round(os.getloadavg()[0], 2),
+           "command": "python tools/bench.py " + shlex.join(argv)}
+    for name, line in EMITTED.items():
+        data["figures"][name] = {**line, **run}
+    RECORD.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "render_docs.py")], check=True)
 
 
 # -- speed ----------------------------------------------------------------------------------
 def speed(args: argparse.Namespace) -> None:
-    import torch
     from bench_models import ReferenceTrainer, copy_unet, make_trainer, make_unet
 
     unet = make_unet(tiny=True)
@@ -62,21 +82,12 @@ def speed(args: argparse.Namespace) -> None:
         "lambda0": lambda: make_trainer(unet, lat, lam=0.0).step,
         "paper_autograd": lambda: ReferenceTrainer(copy_unet(unet), lat).step,
         "no_checkpointing": lambda: make_trainer(unet, lat, checkpointing=False).step,
-        "bf16_autocast": lambda: make_trainer(unet, lat, autocast="bf16").step,
-        "fp16_autocast": lambda: make_trainer(unet, lat, autocast="fp16").step,
+        "bf16": lambda: make_trainer(unet, lat, precision="bf16").step,
         "adam_foreach": lambda: make_trainer(unet, lat, adam="foreach").step,
         "adam_fused": lambda: make_trainer(unet, lat, adam="fused").step,
-        "no_sync_metrics": lambda: make_trainer(unet, lat, adam="fused", sync_metrics=False).step,
         "step_in_backward": lambda: make_trainer(unet, lat, step_in_backward=True).step,
-        "channels_last": lambda: make_trainer(copy_unet(unet).to(memory_format=torch.channels_last), lat,
-                                              channels_last=True).step,
         "lowrank_r8": lambda: make_trainer(unet, lat, lowrank=8).step,
     }
-    if not torch.cuda.is_available():  # no fast fp16 kernels on a CPU: ~30x slower, GPU-only option
-        del configs["fp16_autocast"]
-        emit("speed_fp16_autocast", None, skipped="fp16 autocast is a GPU option (about 30x slower on this CPU)")
-    if args.compile:
-        configs["torch_compile"] = lambda: make_trainer(copy_unet(unet), lat, compile_model=True).step
     try:
         import bitsandbytes  # noqa: F401
         configs["adam_8bit"] = lambda: make_trainer(unet, lat, adam="8bit").step
@@ -95,9 +106,7 @@ def speed(args: argparse.Namespace) -> None:
         for name in order:
             t0 = time.perf_counter()
             try:
-                m = steps[name]()
-                if hasattr(m, "resolve"):
-                    m.resolve()  # the sync-free mode pays its read-back here, once
+                steps[name]()
             except Exception as exc:  # noqa: BLE001
                 emit(name, None, error=f"{type(exc).__name__}: {exc}"[:300])
                 del steps[name]
@@ -176,7 +185,7 @@ def memory(args: argparse.Namespace) -> None:
         "reference": {"reference": True, "lam": 500.0},
         "step_in_backward": {"lam": 500.0, "step_in_backward": True},
         "no_checkpointing": {"lam": 500.0, "checkpointing": False},
-        "bf16_autocast": {"lam": 500.0, "autocast": "bf16"},
+        "bf16": {"lam": 500.0, "precision": "bf16"},
         "lowrank_r8": {"lam": 500.0, "lowrank": 8},
     }
     mb = {}
@@ -193,10 +202,13 @@ def memory(args: argparse.Namespace) -> None:
     if "step_in_backward" in mb:
         emit("ref_memory_step_in_backward", mb["step_in_backward"] / mb["reference"],
              option_mb=round(mb["step_in_backward"]), reference_mb=round(mb["reference"]), **common)
-    for name in ("no_checkpointing", "bf16_autocast", "lowrank_r8", "step_in_backward"):
+    for name in ("no_checkpointing", "bf16", "lowrank_r8", "step_in_backward"):
         if name in mb:
             emit(f"memory_{name}", mb[name] / mb["faithful"], option_mb=round(mb[name]),
                  faithful_mb=round(mb["faithful"]), **common)
+
+
+WARM_STEPS = 3  # the first steps of a fresh trainer pay one-off allocation costs in both paths
 
 
 # -- the node through a real server ------------------------------------------------------------
@@ -210,11 +222,14 @@ def node(args: argparse.Namespace) -> None:
     steps, res = args.node_steps, args.latent * 8
 
     def bare() -> float:
+        """Seconds per step of the bare loop after the same warm-up the node's timing skips."""
         trainer = make_trainer(make_unet(tiny=True), args.latent, steps=steps, lr=2e-6)
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(WARM_STEPS):
             trainer.step()
-        return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps - WARM_STEPS):
+            trainer.step()
+        return (time.perf_counter() - t0) / (steps - WARM_STEPS)
 
     ckpt = REPO_ROOT / ".comfyui" / "models" / "tiny_sd15.safetensors"
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
@@ -244,13 +259,15 @@ def node(args: argparse.Namespace) -> None:
             and (m.get("data") or {}).get("node") == "train"]
     ends = ends or [t for t, m in stamps if t > starts[0] and m.get("type") == "executing"
                     and (m.get("data") or {}).get("node") != "train"]
-    progress = [t for t, m in stamps if m.get("type") == "progress" and (m.get("data") or {}).get("node") == "train"]
+    events = [t for t, m in stamps if m.get("type") == "lipschitz.progress"]
+    node_step = (events[-1] - events[WARM_STEPS - 1]) / (len(events) - WARM_STEPS)
     node_s = (ends[0] if ends else stamps[-1][0]) - starts[0]
-    bare_s = (bare_before + bare_after) / 2
-    emit("node_overhead", node_s / bare_s, node_s=round(node_s, 2), bare_s=round(bare_s, 2),
-         bare_runs_s=[round(bare_before, 2), round(bare_after, 2)], steps=steps, resolution=res, machine=MACHINE,
-         node_train_phase_s=round(progress[-1] - starts[0], 2) if progress else None,
-         note="node wall time (encode images+prompt, load, train, save) / bare trainer loop, same steps")
+    bare_step = (bare_before + bare_after) / 2
+    emit("node_overhead", node_step / bare_step, node_step_s=round(node_step, 3), bare_step_s=round(bare_step, 3),
+         bare_runs_step_s=[round(bare_before, 3), round(bare_after, 3)], node_total_s=round(node_s, 2),
+         node_fixed_s=round(node_s - steps * node_step, 2), steps=steps, warm_steps=WARM_STEPS, resolution=res,
+         machine=MACHINE, note="seconds per training step in the node (between its progress events) / in the bare "
+                               f"loop, both after {WARM_STEPS} warm-up steps; node_fixed_s: the rest of the node's time")
 
 
 # -- the toy --------------------------------------------------------------------------------
@@ -278,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-steps", type=int, default=20)
     p.add_argument("--only", nargs="+", choices=["speed", "memory", "node", "toy"],
                    default=["speed", "memory", "node", "toy"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="include torch.compile (inductor; needs a C++ compiler, slow to compile)")
+    p.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the figures into docs/bench_cpu.json and re-render the docs' tables")
     p.add_argument("--toy-full", action=argparse.BooleanOptionalAction, default=True,
                    help="the full toy schedule (--no-toy-full: the short test schedule)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                       "warmup": args.warmup}), flush=True)
     for part in args.only:
         {"speed": speed, "memory": memory, "node": node, "toy": toy}[part](args)
+    if args.record:
+        record(sys.argv[1:] if argv is None else argv)
     return 0
 
 

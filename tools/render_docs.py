@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Rewrite the measured tables of README.md, docs/performance.md and docs/toy.md from the JSON the runs wrote.
+
+    python tools/render_docs.py           # rewrite the blocks between the markers
+    python tools/render_docs.py --check   # exit 1 (and say which block) if a doc disagrees
+
+Sources: ``docs/bench_cpu.json`` (``tools/bench.py`` merges every figure it measures into it,
+with the date, machine and command) and ``docs/toy.json`` (``python -m trainer.toy --seeds 0-7
+--compare-sum-sq 50 1000 10000 --out docs``).  A block
+is the text between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``; the
+rest of each document is prose, which must not quote these numbers itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+BENCH = REPO_ROOT / "docs" / "bench_cpu.json"
+TOY = REPO_ROOT / "docs" / "toy.json"
+DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "performance.md", REPO_ROOT / "docs" / "toy.md"]
+BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
+                   re.S)
+
+# figure -> what it is (the ratio's numerator / denominator)
+HEADLINE = {
+    "reg_overhead": "step time, lambda=500 / the same step with lambda=0 (the regularizer's cost)",
+    "paper_autograd_overhead": "the reference code's autograd `L_lip` loop / the lambda=0 step (comparison)",
+    "reg_memory": "added peak RSS, lambda=500 / lambda=0, each in its own process",
+    "ref_memory": "added peak RSS, ours (faithful default) / the reference layout (trainable + frozen fp32 copy)",
+    "ref_memory_step_in_backward": "added peak RSS, ours with `step_in_backward` / the reference layout",
+    "node_overhead": "seconds per training step in the node in a real server / in the bare trainer loop",
+    "toy_seconds": "wall time of the full toy reproduction (one seed, all settings)",
+}
+OPTIONS = {
+    "no_checkpointing": "gradient checkpointing off",
+    "bf16": "`precision=bf16` (bf16 compute, fp32 deltas and Adam)",
+    "adam_foreach": "`adam=foreach`",
+    "adam_fused": "`adam=fused`",
+    "step_in_backward": "`step_in_backward` (Adam per tensor inside backward)",
+    "lowrank_r8": "low-rank delta, rank 8 (not the paper's full fine-tune)",
+    "adam_8bit": "`adam=8bit` (bitsandbytes)",
+}
+
+
+def _fmt(value: float | None, unit: str | None = None) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value:.0f} s" if unit == "s" else f"{value:.3f}"
+
+
+def _figures() -> dict[str, dict[str, Any]]:
+    return json.loads(BENCH.read_text())["figures"] if BENCH.exists() else {}
+
+
+def _runs(rows: list[dict[str, Any]]) -> str:
+    """The distinct runs behind a table, as a footnote list."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        seen.setdefault(r["command"], f"{r['date']}, {r['machine']}, load {r.get('load_avg_1m', '?')}")
+    return "\n".join(f"* `{cmd}` ({when})" for cmd, when in seen.items())
+
+
+def perf_summary() -> str:
+    figures = _figures()
+    rows, lines = [], ["| figure | what it is | target | measured | met |", "| --- | --- | --- | --- | --- |"]
+    for name, what in HEADLINE.items():
+        f = figures.get(name)
+        if f is None:
+            lines.append(f"| `{name}` | {what} | - | not measured | - |")
+            continue
+        rows.append(f)
+        target = f"<= {f['target']:g}" if "target" in f else "-"
+        met = "-" if "met" not in f else ("yes" if f["met"] else "**no**")
+        lines.append(f"| `{name}` | {what} | {target} | {_fmt(f['value'], f.get('unit'))} | {met} |")
+    return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(rows) + "\n"
+
+
+def perf_options() -> str:
+    figures = _figures()
+    rows, lines = [], ["| option | step time / faithful (lower is faster) | added peak memory / faithful |",
+                       "| --- | --- | --- |"]
+    for name, what in OPTIONS.items():
+        speed, memory = figures.get(f"speed_{name}"), figures.get(f"memory_{name}")
+        rows += [f for f in (speed, memory) if f is not None]
+        skipped = next((f.get("skipped") or f.get("error") for f in (speed, memory, figures.get(name))
+                        if f is not None and f.get("value") is None), None)
+        cells = [_fmt(f["value"]) if f is not None and f.get("value") is not None else "-" for f in (speed, memory)]
+        if skipped and cells == ["-", "-"]:
+            cells = [f"not measured: {skipped}", "-"]
+        lines.append(f"| {what} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(rows) + "\n"
+
+
+def _toy(render_name: str) -> Callable[[], str]:
+    """A table of trainer/toy.py's, rendered from docs/toy.json."""
+    def render() -> str:
+        from trainer import toy
+
+        if not TOY.exists():
+            return "No toy run recorded: run `python -m trainer.toy --seeds 0-7 --out docs`.\n"
+        return getattr(toy, render_name)(json.loads(TOY.read_text())).rstrip("\n") + "\n"
+
+    return render
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "perf-summary": perf_summary, "perf-options": perf_options, "toy-table": _toy("markdown_table"),
+    "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table")}
+
+
+def render(text: str) -> str:
+    def block(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"unknown generated block {name!r}")
+        return m.group(1) + RENDERERS[name]() + m.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 where a doc disagrees")
+    args = p.parse_args(argv)
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(doc.relative_to(REPO_ROOT).as_posix())
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print(f"out of date with docs/bench_cpu.json / docs/toy.json: {', '.join(stale)} "
+              "(run python tools/render_docs.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
