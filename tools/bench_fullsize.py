@@ -8,12 +8,14 @@ download) trains 2 steps at 64 px on the CPU with Adam stepped in backward (the 
 moments as the default update, one parameter-sized buffer less), then the pack's own writer
 (``nodes/host/delta_file.py``) saves the finished run and the stopped run in the default
 ``delta_dtype`` into a temporary folder.  One JSON line per figure: ``disk_gb_finished`` and
-``disk_gb_stopped`` (targets 1.8 and 3.6 GB), and the same for ``delta_dtype=fp32``.
-Needs about 14 GB of free RAM.
+``disk_gb_stopped`` (targets 1.8 and 3.6 GB), and the same for ``delta_dtype=fp32``.  The
+figures are also recorded in ``docs/bench_fullsize.json`` (with date and command), from which
+``tools/render_docs.py`` writes the table in docs/performance.md.  Needs about 14 GB of free RAM.
 """
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import REPO_ROOT, comfy_ready, make_trainer, make_unet  # noqa: E402
 
 TARGETS = {"disk_gb_finished": 1.8, "disk_gb_stopped": 3.6}
+RECORD = REPO_ROOT / "docs" / "bench_fullsize.json"
+EMITTED: dict[str, dict] = {}
 
 
 def emit(name: str, value: float, unit: str, **extra) -> None:
@@ -30,6 +34,16 @@ def emit(name: str, value: float, unit: str, **extra) -> None:
     if name in TARGETS:
         line.update(target=TARGETS[name], met=value <= TARGETS[name])
     print(json.dumps(line), flush=True)
+    EMITTED[name] = line
+
+
+def record() -> None:
+    """Merge the figures into docs/bench_fullsize.json and re-render the docs' tables."""
+    data = json.loads(RECORD.read_text()) if RECORD.exists() else {"figures": {}}
+    run = {"date": time.strftime("%Y-%m-%d"), "machine": "CPU", "command": "python tools/bench_fullsize.py"}
+    data["figures"].update({name: {**line, **run} for name, line in EMITTED.items()})
+    RECORD.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "render_docs.py")], check=True)
 
 
 def main() -> int:
@@ -61,6 +75,7 @@ def main() -> int:
                  moments=delta_file.moment_format(dtype_name))
             finished.unlink()
             stopped.unlink()
+    record()
     return 0
 
 

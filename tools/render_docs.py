@@ -24,6 +24,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 BENCH = REPO_ROOT / "docs" / "bench_cpu.json"
+FULLSIZE = REPO_ROOT / "docs" / "bench_fullsize.json"
 TOY = REPO_ROOT / "docs" / "toy.json"
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "performance.md", REPO_ROOT / "docs" / "toy.md"]
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
@@ -64,7 +65,8 @@ def _runs(rows: list[dict[str, Any]]) -> str:
     """The distinct runs behind a table, as a footnote list."""
     seen: dict[str, str] = {}
     for r in rows:
-        seen.setdefault(r["command"], f"{r['date']}, {r['machine']}, load {r.get('load_avg_1m', '?')}")
+        load = f", load {r['load_avg_1m']}" if "load_avg_1m" in r else ""
+        seen.setdefault(r["command"], f"{r['date']}, {r['machine']}{load}")
     return "\n".join(f"* `{cmd}` ({when})" for cmd, when in seen.items())
 
 
@@ -99,6 +101,19 @@ def perf_options() -> str:
     return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(rows) + "\n"
 
 
+def perf_fullsize() -> str:
+    figures = json.loads(FULLSIZE.read_text())["figures"] if FULLSIZE.exists() else {}
+    lines = ["| figure | value | target | met | how |", "| --- | --- | --- | --- | --- |"]
+    for name in sorted(figures):
+        f = figures[name]
+        met = "-" if "met" not in f else ("yes" if f["met"] else "**no**")
+        target = f"<= {f['target']:g} {f['unit']}" if "target" in f else "-"
+        lines.append(f"| `{name}` | {f['value']:.3f} {f['unit']} | {target} | {met} | {f.get('method', '')} |")
+    if not figures:
+        lines.append("| - | not measured | - | - | run `make bench-fullsize` |")
+    return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(list(figures.values())) + "\n"
+
+
 def _toy(render_name: str) -> Callable[[], str]:
     """A table of trainer/toy.py's, rendered from docs/toy.json."""
     def render() -> str:
@@ -112,7 +127,8 @@ def _toy(render_name: str) -> Callable[[], str]:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "perf-summary": perf_summary, "perf-options": perf_options, "toy-table": _toy("markdown_table"),
+    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize,
+    "toy-table": _toy("markdown_table"),
     "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table")}
 
 
