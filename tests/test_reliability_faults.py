@@ -73,12 +73,12 @@ def _check_resume_state(path, steps_done: int) -> None:
     assert all(torch.isfinite(tensors[k]).all() for k in deltas)
 
 
-def _after_run(server, rss_before: int | None = None, label: str = "") -> dict:
+def _after_run(server, rss_before: int | None = None, label: str = "", tolerance: float = 0.10) -> dict:
     check = check_prompt(server.client, CKPT)  # also: the next prompt works
     assert check["hash"] == server.expected_hash, "the base U-Net changed"
     assert TRAIN_THREAD not in check["threads"], f"a training thread survived: {check['threads']}"
     if rss_before is not None:
-        assert check["rss"] <= rss_before * 1.10, (
+        assert check["rss"] <= rss_before * (1 + tolerance), (
             f"{label}: memory did not come back: {rss_before / 2**20:.0f} -> {check['rss'] / 2**20:.0f} MiB")
     return check
 
@@ -114,11 +114,14 @@ def test_interrupts_at_random_steps(srv):
         done = int(meta["steps_done"])
         assert meta["status"] == "interrupted" and k <= done <= k + 2, (k, meta["status"], done)
         _check_resume_state(partial, done)
-        check = _after_run(srv, rss_before, f"interrupted run {i}")
+        check = _after_run(srv, rss_before, f"interrupted run {i}", tolerance=0.20)
         runs.append((k, done, rss_before, check["rss"]))
         partial.unlink()
     print("\n[interrupts] (k, steps_done, rss_before_MiB, rss_after_MiB):",
           [(k, d, b >> 20, a >> 20) for k, d, b, a in runs])
+    # A transient peak comes back at the next run; a leak (a stopped run's state kept) grows:
+    after = [a for _, _, _, a in runs]
+    assert sum(after[-3:]) / 3 <= sum(after[:3]) / 3 * 1.05, f"memory creeps up over the interrupts: {after}"
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_delta(srv):
