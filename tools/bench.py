@@ -60,15 +60,12 @@ def emit(figure: str, value: float | None, **extra: Any) -> dict:
 
 
 def record(argv: list[str]) -> None:
-    """Merge this run's figures into docs/bench_cpu.json (one entry per figure, each with the
-    run that measured it) and re-render the docs' tables from it."""
-    data = json.loads(RECORD.read_text()) if RECORD.exists() else {"figures": {}}
-    run = {"date": time.strftime("%Y-%m-%d"), "machine": MACHINE, "load_avg_1m": round(os.getloadavg()[0], 2),
-           "command": "python tools/bench.py " + shlex.join(argv)}
-    for name, line in EMITTED.items():
-        data["figures"][name] = {**line, **run}
-    RECORD.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "render_docs.py")], check=True)
+    """Merge this run's figures into docs/bench_cpu.json and re-render the docs' tables."""
+    from render_docs import record_figures
+
+    record_figures(RECORD, EMITTED, {"date": time.strftime("%Y-%m-%d"), "machine": MACHINE,
+                                     "load_avg_1m": round(os.getloadavg()[0], 2),
+                                     "command": "python tools/bench.py " + shlex.join(argv)})
 
 
 # -- speed ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ figures are also recorded in ``docs/bench_fullsize.json`` (with date and command
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +38,10 @@ def emit(name: str, value: float, unit: str, **extra) -> None:
 
 def record() -> None:
     """Merge the figures into docs/bench_fullsize.json and re-render the docs' tables."""
-    data = json.loads(RECORD.read_text()) if RECORD.exists() else {"figures": {}}
-    run = {"date": time.strftime("%Y-%m-%d"), "machine": "CPU", "command": "python tools/bench_fullsize.py"}
-    data["figures"].update({name: {**line, **run} for name, line in EMITTED.items()})
-    RECORD.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "render_docs.py")], check=True)
+    from render_docs import record_figures
+
+    record_figures(RECORD, EMITTED, {"date": time.strftime("%Y-%m-%d"), "machine": "CPU",
+                                     "command": "python tools/bench_fullsize.py"})
 
 
 def main() -> int:

@@ -51,6 +51,16 @@ OPTIONS = {
 }
 
 
+def record_figures(path: Path, figures: dict[str, dict[str, Any]], run: dict[str, Any]) -> None:
+    """Merge a bench run's figures into ``path`` (each figure keeps the run that measured it)
+    and re-render the docs' tables from the recorded JSON."""
+    data = json.loads(path.read_text()) if path.exists() else {"figures": {}}
+    data["figures"].update({name: {**line, **run} for name, line in figures.items()})
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    for doc in DOCS:
+        doc.write_text(render(doc.read_text()))
+
+
 def _fmt(value: float | None, unit: str | None = None) -> str:
     if value is None:
         return "not measured"

@@ -4,7 +4,8 @@ The step is the same for SD1.5 and for the 2-D toy: sample ``x0`` (and its condi
 data source, draw ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` from the run's own generator, form
 ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, take the eps-prediction MSE (plus an optional
 DreamBooth prior term), backpropagate it into the deltas, then let the update
-(:mod:`trainer.optim`) add ``lambda * dL_lip/d(delta)`` in closed form and step Adam.  Data,
+(:mod:`trainer.optim`) step Adam on the gradient of the paper's summed loss (``lambda *
+dL_lip/d(delta)`` in closed form, inside Adam's kernel as its weight decay where it can be).  Data,
 timesteps and noise come from one CPU generator seeded with ``config.seed``, so a CPU run is
 bitwise reproducible, and a step that fails puts the generator back, so a resumed run
 continues exactly.

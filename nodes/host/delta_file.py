@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ...trainer.metrics import TrainingLog
-from ...trainer.persist import (CorruptFileError, flatten_trainer_state, load_verified, save_verified,
+from ...trainer.persist import (BLOCK, CorruptFileError, flatten_trainer_state, load_verified, save_verified,
                                 unflatten_trainer_state)
 from .errors import NodeInputError
 
@@ -57,7 +57,7 @@ def moment_format(delta_dtype: str) -> str:
 
 def file_nbytes(delta: TrainedDelta, moments: str | None = None) -> int:
     """About what :func:`save_delta_file` writes: the delta, plus two moments for a stopped run."""
-    per_value = {None: 0.0, "fp32": 8.0, "int8": 2.0 + 8.0 / 256}[moments]
+    per_value = {None: 0.0, "fp32": 8.0, "int8": 2.0 + 8.0 / BLOCK}[moments]  # two moments, + their scales
     return delta.nbytes + int(per_value * sum(t.numel() for t in delta.tensors.values()))
 
 
