@@ -1,27 +1,32 @@
 #!/usr/bin/env python3
-"""GPU benchmark: the real SD1.5 U-Net shape (random weights, no download), 512 px, batch 1.
+"""GPU benchmark of the memory modes on the full-size SD1.5 U-Net (random weights, no download).
 
-    python tools/bench_gpu.py                       # what `make bench-gpu` runs (needs CUDA)
-    python tools/bench_gpu.py --device cpu --tiny --steps 2 --warmup 1   # dry run of the code path
+    python tools/bench_gpu.py                 # what `make bench-gpu` runs (needs CUDA)
+    python tools/bench_gpu.py --device cpu --tiny --latents 8 --steps 2 --warmup 1 --caps   # dry run
 
-ComfyUI's ``UNetModel`` with the SD1.5 configuration (859.5M parameters) at 64x64 latents.
-For each mode it prints one JSON line: steps/s, seconds per 1000 steps and peak memory
-(``torch.cuda.max_memory_allocated`` from before the model is built, so it counts the base
-weights, deltas, Adam state, gradients and activations; ``reserved`` is what the caching
-allocator held).  Modes:
+ComfyUI's ``UNetModel`` with the SD1.5 configuration (859.5M parameters), batch 1, gradient
+checkpointing, lambda 500, lr 2e-6.  For every memory mode (:mod:`trainer.memory`) it prints one
+JSON line per figure, ``{"name", "value", "unit", ...}``:
 
-* ``faithful`` - the paper's run: fp32, gradient checkpointing, torch's default Adam.
-* ``faithful_lean`` - the same maths (bitwise on CPU) with Adam stepped inside backward.
-* ``fast`` - bf16 base weights (as a half-precision checkpoint loads) and bf16 compute with
-  fp32 deltas, fused Adam, no checkpointing.
-* ``fast_lean`` - bf16 base and compute, fused Adam stepped inside backward, checkpointing.
+* ``gpu_s_per_1000_<mode>`` - seconds per 1000 steps at the largest latent (64 = 512 px);
+* ``gpu_peak_gb_<mode>`` - ``torch.cuda.max_memory_allocated`` over that run, counted from an
+  empty device (anchor, delta, gradients, Adam state, activations, kernel workspaces);
+* ``gpu_peak_gb_<mode>_<px>`` - the same at the smaller latents (the activation slope);
+* ``gpu_fits_<mode>`` - the smallest card of 8/12/16/24 GB the mode ran on: the caching
+  allocator capped at 92% of the card (what a card leaves after the CUDA context and a desktop)
+  with ``torch.cuda.set_per_process_memory_fraction`` for 3 steps;
+* ``gpu_cosine_<mode>`` and ``gpu_rel_diff_<mode>`` - after the same steps on the same data, the
+  cosine between the mode's delta and ``faithful``'s and ``||d - d_faithful|| / ||d_faithful||``;
+  ``gpu_rel_diff_faithful_default_adam`` compares the fused kernel with torch's default Adam.
 
-Targets (H100): faithful <= 18 GB, the fastest mode <= 12 GB and <= 45 s per 1000 steps.
+The anchor is what the mode says: the fp32 weights for ``faithful``/``lean``, the fp16 model (as
+ComfyUI stores SD1.5 on a GPU) for ``12gb``/``8gb``.  TF32 is off: the faithful modes are fp32.
 Exits with status 2 and a message when ``--device cuda`` has no CUDA device.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -31,102 +36,180 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MODES: dict[str, dict[str, Any]] = {
-    "faithful": dict(checkpointing=True),
-    "faithful_lean": dict(checkpointing=True, step_in_backward=True),
-    "fast": dict(half_base=True, checkpointing=False, precision="bf16", adam="fused"),
-    "fast_lean": dict(half_base=True, checkpointing=True, precision="bf16", adam="fused", step_in_backward=True),
+CARDS_GB = (8, 12, 16, 24)
+# --probes: the faithful run with one ingredient of the compact modes at a time, to attribute
+# their deviation (and faithful again: the GPU's run-to-run noise floor).
+PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+    "faithful_repeat": ("faithful", {}),
+    "faithful_bf16_compute": ("faithful", dict(precision="bf16")),
+    "faithful_fp16_anchor": ("faithful", dict(anchor="fp16")),
+    "faithful_bf16_moments": ("faithful", dict(adam="default", moments="bf16")),
+    "faithful_fp8_moments": ("faithful", dict(adam="default", moments="fp8")),
+    "faithful_bf16_delta": ("faithful", dict(adam="default", delta_precision="bf16")),
 }
-TARGETS = {"faithful": {"peak_gb": 18.0}, "fastest": {"peak_gb": 12.0, "s_per_1000": 45.0}}
+USABLE = 0.92
 
 
-def run_mode(name: str, spec: dict[str, Any], args: argparse.Namespace, device: str) -> dict[str, Any]:
-    import torch
-    from bench_models import make_trainer, make_unet
+def emit(name: str, value: Any, unit: str, **extra: Any) -> None:
+    print(json.dumps({"name": name, "value": value, "unit": unit, **extra}), flush=True)
 
-    spec = dict(spec)
-    half_base = spec.pop("half_base", False)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    unet = make_unet(tiny=args.tiny, device=device)
-    if half_base:
-        unet = unet.to(torch.bfloat16)
-    trainer = make_trainer(unet, args.latent, **spec)
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+        from bench_models import make_unet
 
-    for _ in range(args.warmup):
-        trainer.step()
-    sync()
-    t0 = time.perf_counter()
-    last = None
-    for _ in range(args.steps):
-        last = trainer.step()
-    sync()
-    seconds = time.perf_counter() - t0
-    out: dict[str, Any] = {
-        "mode": name, "device": torch.cuda.get_device_name() if cuda else device,
-        "steps_per_s": round(args.steps / seconds, 3), "s_per_1000": round(1000 * seconds / args.steps, 1),
-        "loss": None if last is None else round(last.loss, 5), "options": {**spec, "half_base": half_base},
-        "latent": args.latent, "tiny": args.tiny, "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
-    }
-    if cuda:
-        out["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        out["reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
-    del trainer, unet, last
-    gc.collect()
-    return out
+        self.args, self.torch = args, torch
+        self.cuda = args.device.startswith("cuda")
+        # One set of random weights (built on the CPU once), copied into each run's U-Net.
+        self.weights = {k: v.clone() for k, v in make_unet(tiny=args.tiny, device="cpu").state_dict().items()}
+
+    def _reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def run(self, mode: str, latent: int, steps: int, warmup: int, anchor: str | None = None,
+            **overrides: Any) -> dict[str, Any]:
+        """Train ``steps`` (+ ``warmup``) steps of ``mode``; time, peak and the final delta."""
+        torch = self.torch
+        from bench_models import checkpoint_units, eps_fn, make_data, make_unet, sd_abar
+        from trainer.config import TrainConfig
+        from trainer.delta import ParameterDelta
+        from trainer.loop import RegularizedTrainer
+        from trainer.memory import MODES, configure
+
+        self._reset()
+        unet = make_unet(tiny=self.args.tiny, device=self.args.device, init=False)
+        unet.load_state_dict(self.weights)
+        if anchor is None:  # ComfyUI stores SD1.5 in fp16 on a GPU
+            anchor = "fp16" if MODES[mode].anchor == "model" and self.cuda else "fp32"
+        unet = unet.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[anchor])
+        config = dataclasses.replace(configure(TrainConfig(steps=1000, lr=2e-6, lam=500.0), mode), **overrides)
+        dtype = torch.bfloat16 if config.delta_precision == "bf16" else torch.float32
+        delta = ParameterDelta(unet, dtype=dtype)
+        trainer = RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, self.args.device), config,
+                                     checkpoint=checkpoint_units(unet))
+        sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        for _ in range(warmup):
+            trainer.step()
+        sync()
+        resident = torch.cuda.memory_allocated() / 1e9 if self.cuda else None
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
+        sync()
+        seconds = time.perf_counter() - start
+        out = {"s_per_step": seconds / max(steps, 1),
+               "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None,
+               "resident_gb": resident,
+               "delta": delta.state_dict(torch.float32)}
+        del trainer, delta, unet
+        self._reset()
+        return out
+
+    def fits(self, mode: str, latent: int) -> tuple[int | None, float | None]:
+        """The smallest card (GB) the mode trains on for 3 steps, and the peak there (the
+        kernels' workspaces then take what the cap leaves, not what an 80 GB card offers)."""
+        torch = self.torch
+        total = torch.cuda.get_device_properties(0).total_memory
+        for card in CARDS_GB:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, card * 1e9 * USABLE / total))
+            try:
+                return card, self.run(mode, latent, steps=1, warmup=2)["peak_gb"]
+            except torch.OutOfMemoryError:
+                self._reset()
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+        return None, None
+
+
+def _probe(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    name, mode, options = text.split(":", 2)
+    return name, (mode, json.loads(options))
+
+
+def compare(delta: dict, reference: dict) -> tuple[float, float]:
+    """(cosine, relative distance) of two deltas over all tensors."""
+    dot = sum(float((delta[k].double() * reference[k].double()).sum()) for k in reference)
+    na = sum(float(delta[k].double().square().sum()) for k in reference) ** 0.5
+    nb = sum(float(reference[k].double().square().sum()) for k in reference) ** 0.5
+    diff = sum(float((delta[k].double() - reference[k].double()).square().sum()) for k in reference) ** 0.5
+    return dot / (na * nb), diff / nb
 
 
 def main(argv: list[str] | None = None) -> int:
+    import bench_models  # noqa: F401 - puts the repository on sys.path
+    from trainer.memory import ORDER
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the small SD15-detected U-Net (dry runs)")
-    p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--latents", type=int, nargs="+", default=[32, 48, 64], help="latent sides; the last is timed")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--modes", nargs="+", choices=ORDER, default=list(ORDER))
+    p.add_argument("--caps", action="store_true", help="also find the smallest card each mode fits (CUDA only)")
+    p.add_argument("--probes", action="store_true", help="attribute the compact modes' deviation (see PROBES)")
+    p.add_argument("--probe", type=_probe, nargs="*", default=[],
+                   help='extra probes, NAME:MODE:JSON (e.g. 12gb_fp32:12gb:{"precision": "fp32"})')
     args = p.parse_args(argv)
+    args.probe = dict(args.probe)
 
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench-gpu: no CUDA device is available (torch.cuda.is_available() is False). "
               "Run it on a machine with an NVIDIA GPU, or dry-run the code path with "
-              "`python tools/bench_gpu.py --device cpu --tiny`.", file=sys.stderr)
+              "`python tools/bench_gpu.py --device cpu --tiny --latents 8`.", file=sys.stderr)
         return 2
     from bench_models import comfy_ready
     comfy_ready(cpu=not args.device.startswith("cuda"))
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False  # the faithful mode is real fp32
-        torch.backends.cudnn.allow_tf32 = False
-    print(json.dumps({"bench": "gpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                      "device": args.device, "latent": args.latent, "steps": args.steps, "tiny": args.tiny}), flush=True)
-    results = []
-    for name in args.modes:
+    torch.backends.cuda.matmul.allow_tf32 = False  # the faithful modes are real fp32
+    torch.backends.cudnn.allow_tf32 = False
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    meta = {"device": device_name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
+    bench = Bench(args)
+    timed = args.latents[-1]
+    px = timed * 8
+    reference = None
+    failed = 0
+    for mode in args.modes:
         try:
-            results.append(run_mode(name, MODES[name], args, args.device))
+            for latent in args.latents[:-1]:
+                r = bench.run(mode, latent, steps=1, warmup=2)
+                if r["peak_gb"] is not None:
+                    emit(f"gpu_peak_gb_{mode}_{latent * 8}", round(r["peak_gb"], 2), "GB",
+                         resident_between_steps_gb=round(r["resident_gb"], 2), **meta)
+            r = bench.run(mode, timed, args.steps, args.warmup)
+            emit(f"gpu_s_per_1000_{mode}", round(1000 * r["s_per_step"], 1), "s", px=px, **meta)
+            if r["peak_gb"] is not None:
+                emit(f"gpu_peak_gb_{mode}", round(r["peak_gb"], 2), "GB", px=px,
+                     resident_between_steps_gb=round(r["resident_gb"], 2), **meta)
+            if mode == "faithful":
+                reference = r["delta"]
+                d = bench.run(mode, timed, args.steps, args.warmup, adam="default")["delta"]
+                emit("gpu_rel_diff_faithful_default_adam", compare(d, reference)[1], "ratio",
+                     steps=args.steps + args.warmup, **meta)
+                # How much of a bf16 mode's deviation is bf16 compute alone (fp32 anchor and state).
+                for name, (base, variant) in (args.probe or PROBES).items() if args.probes else ():
+                    d = bench.run(base, timed, args.steps, args.warmup, **variant)["delta"]
+                    cos, rel = compare(d, reference)
+                    emit(f"gpu_cosine_{name}", round(cos, 6), "cosine", steps=args.steps + args.warmup,
+                         rel_diff=rel, options=variant, **meta)
+            elif reference is not None:
+                cos, rel = compare(r["delta"], reference)
+                emit(f"gpu_cosine_{mode}", round(cos, 6), "cosine", steps=args.steps + args.warmup, **meta)
+                emit(f"gpu_rel_diff_{mode}", rel, "ratio", steps=args.steps + args.warmup, **meta)
+            if args.caps and bench.cuda:
+                card, peak = bench.fits(mode, timed)
+                emit(f"gpu_fits_{mode}", card, "GB card", px=px, usable=USABLE, **meta)
+                emit(f"gpu_peak_gb_{mode}_capped", None if peak is None else round(peak, 2), "GB", px=px,
+                     cap_gb=None if card is None else round(card * USABLE, 2), **meta)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report and go on
-            results.append({"mode": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
-        print(json.dumps(results[-1]), flush=True)
-    ok = [r for r in results if "error" not in r]
-    faithful = next((r for r in ok if r["mode"] == "faithful"), None)
-    fastest = min((r for r in ok if r["mode"].startswith("fast")), key=lambda r: r["s_per_1000"], default=None)
-    if args.device.startswith("cuda"):
-        summary: dict[str, Any] = {"summary": True}
-        if faithful:
-            summary["faithful_peak_gb"] = faithful["peak_gb"]
-            summary["faithful_met"] = faithful["peak_gb"] <= TARGETS["faithful"]["peak_gb"]
-        if fastest:
-            summary.update(fastest_mode=fastest["mode"], fastest_s_per_1000=fastest["s_per_1000"],
-                           fastest_peak_gb=fastest["peak_gb"],
-                           fastest_met=fastest["peak_gb"] <= TARGETS["fastest"]["peak_gb"]
-                           and fastest["s_per_1000"] <= TARGETS["fastest"]["s_per_1000"])
-        print(json.dumps(summary), flush=True)
-    return 1 if len(ok) < len(results) else 0
+            failed += 1
+            emit(f"gpu_error_{mode}", f"{type(exc).__name__}: {exc}"[:400], "text", **meta)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -49,14 +49,17 @@ def comfy_ready(cpu: bool) -> None:
     use_comfy_in_process(cpu=cpu)
 
 
-def make_unet(tiny: bool, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """ComfyUI's SD1.5 ``UNetModel`` (full or tiny config), fp32, seeded random weights."""
+def make_unet(tiny: bool, device: str | torch.device = "cpu", seed: int = 0, init: bool = True) -> nn.Module:
+    """ComfyUI's SD1.5 ``UNetModel`` (full or tiny config), fp32, seeded random weights
+    (``init=False``: uninitialized, for a caller that loads weights)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     torch.manual_seed(seed)
     unet = UNetModel(**(SD15_TINY if tiny else SD15_FULL), dtype=torch.float32, device=device,
                      operations=comfy.ops.disable_weight_init)
+    if not init:
+        return unet.requires_grad_(False).train()
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():

@@ -18,6 +18,10 @@ Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 AdamImpl = Literal["default", "foreach", "fused", "8bit"]
 ADAM_IMPLS: tuple[str, ...] = ("default", "foreach", "fused", "8bit")
+MomentFormat = Literal["fp32", "bf16", "fp8"]
+MOMENT_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp8")
+DeltaPrecision = Literal["fp32", "bf16"]
+DELTA_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,13 @@ class TrainConfig:
     """Step each delta tensor's Adam as soon as its gradient is complete and free the gradient:
     one parameter-sized buffer less at the peak, the same update.  A non-finite gradient under
     a finite loss is detected after some tensors already stepped."""
+    moments: MomentFormat = "fp32"
+    """How Adam's moments are stored between steps (:mod:`trainer.compact_adam`): ``fp32`` (the
+    paper), ``bf16`` (half) or ``fp8`` (8-bit, block-scaled; a quarter), written with stochastic
+    rounding.  The update itself is computed in fp32."""
+    delta_precision: DeltaPrecision = "fp32"
+    """dtype of the trained delta: ``fp32`` (the paper) or ``bf16`` (half; each update is written
+    with stochastic rounding, so steps far below a bf16 step of the delta still count on average)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first field that is out of range."""
@@ -76,10 +87,24 @@ class TrainConfig:
              "Use fp32 (the paper) or bf16"),
             ("adam", self.adam in ADAM_IMPLS, f"unknown Adam implementation {self.adam!r}",
              f"Use one of {', '.join(ADAM_IMPLS)}"),
+            ("moments", self.moments in MOMENT_FORMATS, f"unknown moment format {self.moments!r}",
+             f"Use one of {', '.join(MOMENT_FORMATS)}"),
+            ("delta_precision", self.delta_precision in DELTA_PRECISIONS,
+             f"unknown delta precision {self.delta_precision!r}", f"Use one of {', '.join(DELTA_PRECISIONS)}"),
+            ("adam", self.adam == "default" or not self.compact_state,
+             f"adam={self.adam} cannot store compact moments or update a bf16 delta",
+             "Use adam=default with moments or delta_precision other than fp32"),
         ]
         for name, ok, problem, fix in checks:
             if not ok:
                 raise ConfigError(name, problem, fix)
+
+
+    @property
+    def compact_state(self) -> bool:
+        """Whether the optimizer is :class:`trainer.compact_adam.CompactAdam` (compact moments or
+        a bf16 delta) rather than torch's Adam."""
+        return self.moments != "fp32" or self.delta_precision != "fp32"
 
 
 def _finite(value: object) -> bool:

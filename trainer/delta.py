@@ -21,20 +21,22 @@ from torch import Tensor, nn
 
 
 class ParameterDelta:
-    """fp32 deltas for the parameters of ``module`` selected by ``include`` (all by default)."""
+    """Deltas for the parameters of ``module`` selected by ``include`` (all by default): fp32
+    (the paper) or ``dtype`` (bf16 for the ``8gb`` memory mode)."""
 
     def __init__(
         self,
         module: nn.Module,
         include: Callable[[str], bool] | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.module = module
         self.base = select_base(module, include)
         # zeros_like keeps the base's memory format (channels_last stays channels_last, so
         # ``base + delta`` does not silently convert); for contiguous bases it is torch.zeros.
         self.delta: dict[str, Tensor] = {
-            name: torch.zeros_like(p, dtype=torch.float32, device=device or p.device).requires_grad_(True)
+            name: torch.zeros_like(p, dtype=dtype, device=device or p.device).requires_grad_(True)
             for name, p in self.base.items()
         }
 

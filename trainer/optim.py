@@ -20,11 +20,13 @@ moments: a quarter of Adam's memory and *not* the same update).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .compact_adam import CompactAdam
 from .config import ADAM_IMPLS, AdamImpl, ConfigError, TrainConfig
 from .delta import ParameterDelta
 from .lowrank import LowRankDelta
@@ -32,10 +34,15 @@ from .objective import NonFiniteLossError, Regularizer
 
 
 def make_adam(params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
-              impl: AdamImpl = "default") -> torch.optim.Optimizer:
+              impl: AdamImpl = "default", config: TrainConfig | None = None,
+              positions: dict[int, int] | None = None) -> torch.optim.Optimizer:
     """``Adam(params, lr)`` with the requested kernel; ``params`` may be parameter groups
-    (each with its ``weight_decay``), otherwise there is no weight decay."""
+    (each with its ``weight_decay``), otherwise there is no weight decay.  A ``config`` with
+    compact state (compact moments or a bf16 delta) gets :class:`CompactAdam` (``positions``:
+    each tensor's index in the delta, which seeds its rounding noise)."""
     params = list(params)
+    if config is not None and config.compact_state:
+        return CompactAdam(params, lr=lr, moments=config.moments, seed=config.seed, positions=positions)
     if impl in ("default", "foreach", "fused"):
         kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
         return torch.optim.Adam(params, lr=lr, weight_decay=0.0, **kernel)
@@ -73,14 +80,15 @@ class AdamUpdate:
         self.delta, self.regularizer, self.lam = delta, regularizer, config.lam
         self.decay = _weight_decay(delta, regularizer, config)
         tensors = delta.tensors()
+        positions = {id(t): i for i, t in enumerate(tensors)}
         if self.decay is None:
-            self.optimizer = make_adam(tensors, config.lr, config.adam)
+            self.optimizer = make_adam(tensors, config.lr, config.adam, config, positions)
         else:
             groups: dict[float, list[Tensor]] = {}
             for t, c in zip(tensors, self.decay):
                 groups.setdefault(c, []).append(t)
             self.optimizer = make_adam([{"params": ts, "weight_decay": c} for c, ts in groups.items()],
-                                       config.lr, config.adam)
+                                       config.lr, config.adam, config, positions)
         position = {id(t): i for i, t in enumerate(tensors)}
         self._order = [position[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -126,12 +134,17 @@ class StepInBackwardUpdate(AdamUpdate):
         self.params = delta.tensors()
         self.decay = _weight_decay(delta, regularizer, config)
         self.optimizers = [make_adam([p] if self.decay is None else [{"params": [p], "weight_decay": c}],
-                                     config.lr, config.adam)
-                           for p, c in zip(self.params, self.decay or [0.0] * len(self.params))]
+                                     config.lr, config.adam, config, {id(p): i})
+                           for i, (p, c) in enumerate(zip(self.params, self.decay or [0.0] * len(self.params)))]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._stepped: set[int] = set()
         self._bad: Tensor | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        # The hooks live on the delta tensors and must not keep this object alive: a tensor's
+        # hooks are invisible to Python's cycle collector, so a bound method here would leak
+        # the whole optimizer state (a full-size run's 7 GB of moments) after every run.
+        ref = weakref.ref(self)
+        self._handles = [p.register_post_accumulate_grad_hook(lambda t, ref=ref: ref()._hook(t))
+                         for p in self.params]
 
     def _hook(self, p: Tensor) -> None:
         i = self._index[id(p)]

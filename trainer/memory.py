@@ -1,0 +1,141 @@
+"""Memory modes: the same training at four memory budgets, and the estimate that picks one.
+
+A mode is a recipe of :class:`~trainer.config.TrainConfig` options for the delta and
+optimizer state, plus where the anchor ``theta0`` comes from; :func:`configure` applies it.
+The compute precision is a separate choice (``precision``).  From the most faithful to the
+leanest:
+
+* ``faithful`` - the paper: fp32 anchor (the checkpoint's values), fp32 delta, all gradients,
+  then one Adam step (torch's fused kernel: the default update up to fp32 rounding order).
+* ``lean`` - the same training without the full gradient buffer: each tensor's Adam steps in
+  backward as its gradient completes (bitwise the ``faithful`` update on CPU).
+* ``12gb`` - the anchor as the host stores the model (fp16 on GPUs) and Adam's moments in bf16
+  with stochastic rounding; fp32 delta.
+* ``8gb`` - as ``12gb`` with a bf16 delta (stochastic rounding) and 8-bit (fp8, block-scaled)
+  moments.
+
+Measured on an H100 (``docs/performance.md``): after 10 steps at 512 px the ``12gb`` delta has
+cosine 0.99995 with ``faithful``'s and ``8gb`` 0.9988.  bf16 compute *combined with* a
+half-precision anchor gave cosine 0.84 after 20 steps (each alone: 0.9995 and 0.99998), which
+is why these modes keep fp32 compute by default.
+
+:func:`estimate` counts the peak bytes of a mode from the parameter count, the resolution,
+the batch size and checkpointing, so a host can refuse a run that cannot fit before it
+allocates anything, and ``auto`` (:func:`choose`) picks the most faithful mode that fits.
+The state terms are exact byte counts; the activation term is a per-pixel coefficient measured
+on the full-size SD1.5 U-Net (``tools/bench_gpu.py``; ``docs/performance.md``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import ConfigError, TrainConfig
+
+Anchor = Literal["checkpoint", "model"]
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class MemoryMode:
+    name: str
+    anchor: Anchor
+    """``checkpoint``: theta0 is the checkpoint file's values (fp32 for an fp32 file);
+    ``model``: theta0 is the model as the host stores it (fp16 on a GPU)."""
+    options: dict
+    """The :class:`TrainConfig` fields the mode sets."""
+    changes: str
+    """What the mode changes from the paper's run, for tooltips and the README."""
+
+
+MODES: dict[str, MemoryMode] = {m.name: m for m in (
+    MemoryMode("faithful", "checkpoint",
+               dict(adam="fused", step_in_backward=False, moments="fp32", delta_precision="fp32"),
+               "nothing: the paper's fp32 run (fused Adam kernel, equal to torch's default to 1e-6)"),
+    MemoryMode("lean", "checkpoint",
+               dict(adam="fused", step_in_backward=True, moments="fp32", delta_precision="fp32"),
+               "nothing in the maths: Adam steps each tensor during backward, so the full gradient "
+               "buffer is never held"),
+    MemoryMode("12gb", "model",
+               dict(adam="default", step_in_backward=True, moments="bf16", delta_precision="fp32"),
+               "the anchor in the model's storage dtype (fp16 on GPUs) and Adam's moments stored in bf16 "
+               "(stochastic rounding); fp32 compute and delta"),
+    MemoryMode("8gb", "model",
+               dict(adam="default", step_in_backward=True, moments="fp8", delta_precision="bf16"),
+               "as 12gb, with a bf16 delta (stochastic rounding) and 8-bit block-scaled Adam moments"),
+)}
+ORDER: tuple[str, ...] = tuple(MODES)
+"""Most faithful first: ``auto`` takes the first that fits."""
+CHOICES: tuple[str, ...] = ("auto", *ORDER)
+
+# The transient above the state (anchor, delta, gradients, moments) in a step, SD1.5's U-Net,
+# batch 1, gradient checkpointing: measured on an H100 with tools/bench_gpu.py under a capped
+# allocator (docs/gpu/*.jsonl): lean 1.05 / 0.91 / 1.00 GB over the state at 256 / 384 / 512
+# px, so nearly constant per model (the per-layer theta0 + delta sums, one checkpointed block's
+# activations, the kernels' workspaces) with a small per-pixel part.  Without checkpointing
+# the activations were not measured under a cap; ACTIVATION_NO_CHECKPOINTING is a guess from
+# the stored block outputs (about 6x the checkpointed boundary tensors).
+TRANSIENT_PER_PARAM = 1.0 * GB / 859.5e6
+ACTIVATION_PER_PIXEL = {"fp32": 500.0, "bf16": 250.0}
+ACTIVATION_NO_CHECKPOINTING = 6.0
+OVERHEAD = 0.2 * GB
+"""The host's buffers during training (latents, embeddings, RNG) and the allocator's slack."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The peak of one mode, in bytes, term by term."""
+
+    mode: str
+    parts: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GB)
+
+
+def configure(config: TrainConfig, mode: str) -> TrainConfig:
+    """``config`` with the options of memory mode ``mode``."""
+    if mode not in MODES:
+        raise ConfigError("memory", f"unknown memory mode {mode!r}", f"Use one of {', '.join(CHOICES)}")
+    return dataclasses.replace(config, **MODES[mode].options)
+
+
+def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution: int, batch_size: int = 1,
+             checkpointing: bool = True, precision: str = "fp32", resident_bytes: float = 0.0) -> Estimate:
+    """Peak bytes of training ``params`` parameters (``largest`` in the biggest tensor) in ``mode``.
+
+    ``anchor_bytes``: bytes per parameter of theta0 in this mode (4 for an fp32 checkpoint
+    anchor, 2 for an fp16 model); ``resident_bytes``: anything else the host keeps on the
+    device meanwhile (e.g. the model's own weights when the anchor is a separate fp32 copy).
+    """
+    m = MODES[mode].options
+    delta = 2 if m["delta_precision"] == "bf16" else 4
+    moments = {"fp32": 8.0, "bf16": 4.0, "fp8": 2.0 + 8.0 / 256}[m["moments"]]
+    grads = largest * 4 * 2 if m["step_in_backward"] else params * delta
+    compact = m["moments"] != "fp32" or m["delta_precision"] != "fp32"
+    # torch's default multi-tensor Adam holds one parameter-sized temporary; fused and the
+    # per-tensor updates hold a few copies of one tensor.
+    adam_temp = largest * 4 * 6 if compact or m["step_in_backward"] or m["adam"] == "fused" else params * 4
+    act = ACTIVATION_PER_PIXEL[precision] * resolution * resolution * batch_size
+    if not checkpointing:
+        act *= ACTIVATION_NO_CHECKPOINTING
+    parts = {"anchor": float(params * anchor_bytes), "delta": float(params * delta), "gradients": float(grads),
+             "adam": params * moments + adam_temp, "activations": TRANSIENT_PER_PARAM * params + act,
+             "other": OVERHEAD + resident_bytes}
+    return Estimate(mode, parts)
+
+
+def choose(free_bytes: float, estimates: dict[str, Estimate]) -> tuple[str | None, str]:
+    """The most faithful mode whose estimate fits ``free_bytes``, and why (``None``: none fits)."""
+    for name in ORDER:
+        if name in estimates and estimates[name].total <= free_bytes:
+            skipped = [f"{n} needs {estimates[n].total / GB:.1f} GB" for n in ORDER[: ORDER.index(name)]
+                       if n in estimates]
+            why = f"{name} needs about {estimates[name].total / GB:.1f} GB, {free_bytes / GB:.1f} GB are free"
+            return name, why + (f" ({'; '.join(skipped)})" if skipped else "")
+    return None, f"no mode fits in {free_bytes / GB:.1f} GB free"
