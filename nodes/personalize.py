@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .host.run import (DEFAULT_DELTA_DTYPE, DEFAULTS, DELTA_DTYPES, PRECISIONS, REGULARIZERS, RunSpec, TrainConfig,
-                       personalize)
+from .host.run import (DEFAULT_DELTA_DTYPE, DEFAULTS, DELTA_DTYPES, MEMORY_CHOICES, MODES, PRECISIONS, REGULARIZERS,
+                       RunSpec, TrainConfig, personalize)
 from .host.types import DeltaType, TrainingLogType
 
 
@@ -47,6 +47,11 @@ class LipschitzPersonalize(io.ComfyNode):
                                tooltip="How the trained delta is stored and applied: fp16 (half the size of fp32; "
                                        "the MODEL uses exactly the stored values), bf16, or fp32 (exact, and a "
                                        "stopped run then resumes bitwise; otherwise its Adam state is kept in 8 bits)"),
+                io.Combo.Input("memory", options=list(MEMORY_CHOICES), default="auto", optional=True,
+                               tooltip="How much memory the training may use. auto (default): the most faithful "
+                                       "mode whose estimate fits the free memory. "
+                                       + " ".join(f"{m}: {mode.changes}." for m, mode in MODES.items())
+                                       + " A mode that does not fit is refused before training starts."),
                 io.Boolean.Input("resume", default=False, optional=True,
                                  tooltip="Continue a run of the same settings that was stopped early"),
                 io.Image.Input("class_images", optional=True, tooltip="DreamBooth prior preservation: class photos"),
@@ -66,9 +71,9 @@ class LipschitzPersonalize(io.ComfyNode):
                 regularizer=DEFAULTS.regularizer, precision=DEFAULTS.precision,
                 gradient_checkpointing=DEFAULTS.gradient_checkpointing, batch_size=DEFAULTS.batch_size,
                 resolution=DEFAULTS.resolution, resume=False, class_images=None, class_prompt="",
-                prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE) -> io.NodeOutput:
+                prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE, memory="auto") -> io.NodeOutput:
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer, seed=seed,
                              batch_size=batch_size, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                              prior_weight=prior_weight, precision=precision)
-        spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype)
+        spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory)
         return io.NodeOutput(*personalize(spec, cls.hidden.unique_id or "0"))

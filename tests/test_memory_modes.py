@@ -12,7 +12,7 @@ from trainer.compact_adam import FP8, CompactAdam, stochastic_round
 from trainer.config import ConfigError, TrainConfig
 from trainer.delta import ParameterDelta
 from trainer.loop import CachedExamples, RegularizedTrainer
-from trainer.memory import CHOICES, GB, MODES, ORDER, choose, configure, estimate
+from trainer.memory import CHOICES, GB, MODES, ORDER, choose, configure, estimate, preflight
 
 ABAR = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)
 
@@ -186,3 +186,37 @@ def test_compact_state_needs_the_default_adam():
     with pytest.raises(ConfigError) as err:
         TrainConfig(moments="bf16", adam="fused").validate()
     assert err.value.field == "adam"
+
+
+SD15 = dict(params=859_520_964, largest=1280 * 1280 * 9)
+
+
+def _sd15_needs(anchor_bytes: int = 2, resolution: int = 512, batch: int = 1) -> dict:
+    return {m: estimate(m, SD15["params"], SD15["largest"], anchor_bytes, resolution, batch) for m in ORDER}
+
+
+@pytest.mark.parametrize("free_gb, picked", [(80, "faithful"), (22.08, "faithful"), (14.72, "lean"),
+                                             (11.04, "12gb"), (7.36, "8gb")])
+def test_preflight_auto_picks_by_the_free_figure_and_says_why(free_gb, picked):
+    """Free figures of 80/24/16/12/8 GB cards (92% usable), as ComfyUI would report them."""
+    mode, why = preflight("auto", free_gb * GB, _sd15_needs())
+    assert mode == picked
+    assert why.startswith("auto: ") and f"{free_gb:.1f} GB are free" in why
+
+
+def test_preflight_refuses_a_mode_that_does_not_fit_and_names_one_that_does():
+    with pytest.raises(ConfigError) as err:
+        preflight("faithful", 11.04 * GB, _sd15_needs(), "cuda:0")
+    e = err.value
+    assert e.field == "memory" and "faithful needs about" in e.problem and "11.0 GB are free" in e.problem
+    assert e.fix == "Choose memory=12gb, a lower resolution or batch 1"
+
+
+def test_preflight_on_the_cpu_refuses_what_no_mode_fits():
+    """The same check guards RAM: the anchor already in RAM is not counted again (anchor 0)."""
+    needs = _sd15_needs(anchor_bytes=0, resolution=2048, batch=16)
+    with pytest.raises(ConfigError) as err:
+        preflight("auto", 16 * GB, needs, "cpu")
+    assert "8gb needs about" in err.value.problem and "on cpu" in err.value.problem
+    assert err.value.fix.startswith("Choose a lower resolution or batch 1")
+    assert preflight("auto", 32 * GB, _sd15_needs(anchor_bytes=0))[0] == "faithful"

@@ -165,6 +165,12 @@ BAD = [
     ("prompt-blank", lambda: _train_graph(prompt="  \n\t "), "error", "prompt", "Write the instance prompt"),
     ("class-prompt-missing", lambda: {**_train_graph(), "train": {"class_type": "LipschitzPersonalize", "inputs":
         personalize_inputs(steps=1, class_images=["refs", 0], class_prompt=" ")}}, "error", "class_prompt", "Write the class prompt"),
+    # The pre-flight estimate (trainer/memory.py) exceeds any machine's free memory: refused
+    # before a delta or Adam state is allocated, whatever auto would pick.
+    ("memory-estimate", lambda: _train_graph(resolution=2048, batch_size=64), "error", "memory",
+     "lower resolution or batch 1"),
+    ("memory-named-mode", lambda: _train_graph(resolution=2048, batch_size=64, memory="lean"), "error", "memory",
+     "lower resolution or batch 1"),
     ("delta-wrong-keys", lambda: _apply_graph("bad_wrong_keys.safetensors"), "error", "delta_file", "Use a delta trained"),
     ("delta-wrong-shape", lambda: _apply_graph("bad_wrong_shape.safetensors"), "error", "delta_file", "architecture"),
     ("delta-truncated", lambda: _apply_graph("bad_truncated.safetensors"), "error", "delta_file", "Delete the file"),
@@ -205,6 +211,9 @@ def test_one_image_trains_with_a_warning_and_hostile_save_names_stay_in_the_delt
                                                                      "filename_prefix": "../../../../outside_evil"}}
     result, texts = _train_ok(srv, graph)
     assert any("only 1 reference image" in t for t in texts), texts
+    # auto says which memory mode it picked, why, and what the anchor is.
+    plan = [t for t in texts if t.startswith("memory: ")]
+    assert plan and "auto:" in plan[0] and "GB are free" in plan[0] and "anchor theta0 in float32" in plan[0], texts
     assert [e["step"] for e in result.events("lipschitz.progress")] == [1]
     saved = result.outputs["save"]["text"][0]
     assert saved.startswith("lipschitz_deltas/outside_evil_") and ".." not in saved

@@ -130,6 +130,30 @@ def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution
     return Estimate(mode, parts)
 
 
+def preflight(requested: str, free_bytes: float, estimates: dict[str, Estimate], where: str = "this device"
+              ) -> tuple[str, str]:
+    """The pre-flight check: ``(mode, why)`` for ``requested`` (a mode or ``auto``), or
+    :class:`ConfigError` on ``memory`` when its estimate exceeds ``free_bytes``, naming a leaner
+    mode that fits if there is one."""
+    if requested == "auto":
+        mode, why = choose(free_bytes, estimates)
+        if mode is not None:
+            return mode, "auto: " + why
+        mode = ORDER[-1]
+    elif requested in MODES:
+        mode = requested
+        need = estimates[mode].total
+        if need <= free_bytes:
+            return mode, f"needs about {need / GB:.1f} GB, {free_bytes / GB:.1f} GB are free"
+    else:
+        raise ConfigError("memory", f"unknown memory mode {requested!r}", f"Use one of {', '.join(CHOICES)}")
+    leaner = next((m for m in ORDER[ORDER.index(mode) + 1:] if estimates[m].total <= free_bytes), None)
+    fix = (f"Choose memory={leaner}, a lower resolution or batch 1" if leaner else
+           "Choose a lower resolution or batch 1, or free memory (close other programs on this device)")
+    raise ConfigError("memory", f"{mode} needs about {estimates[mode].total / GB:.1f} GB on {where} "
+                      f"({estimates[mode].describe()}), {free_bytes / GB:.1f} GB are free", fix)
+
+
 def choose(free_bytes: float, estimates: dict[str, Estimate]) -> tuple[str | None, str]:
     """The most faithful mode whose estimate fits ``free_bytes``, and why (``None``: none fits)."""
     for name in ORDER:

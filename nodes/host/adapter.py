@@ -45,17 +45,21 @@ def alphas_cumprod(model) -> Tensor:
 
 @torch.no_grad()
 def fingerprint(unet: nn.Module) -> str:
-    """A short, stable identity of the U-Net weights as loaded (any patches applied).
+    """A short, stable identity of the U-Net weights (any patches applied), the same whatever
+    dtype they were loaded in.
 
     Call it on a loaded model (:func:`load_for_training`, :func:`load_for_reading`): at rest
     the shared module may still hold another clone's patched weights.  Hashes every tensor's
-    name, shape and a strided sample of about 4096 of its values, which takes milliseconds on
-    an 860M-parameter U-Net while any real fine-tune or merge changes it.
+    name, shape and a strided sample of about 4096 of its values rounded to fp16, which takes
+    milliseconds on an 860M-parameter U-Net while any real fine-tune or merge changes it.  The
+    rounding is what ComfyUI applies when it loads an fp32 checkpoint in fp16 (on GPUs), so
+    the same checkpoint gives the same fingerprint on a CPU (fp32) and a GPU (fp16), and a
+    delta trained on one machine applies on another.
     """
     h = hashlib.sha256()
     for name, p in unet.named_parameters():
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        sample = flat[:: max(1, flat.numel() // 4096)].cpu().to(torch.float16)
         h.update(f"{name}|{tuple(p.shape)}|".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -97,6 +101,32 @@ def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
     device = patcher.load_device
     return LoadedUNet(patcher, patcher.model.diffusion_model, torch.device(device), dtype)
+
+
+@dataclass
+class TrainingMemory:
+    """What the pre-flight check needs to know about the device, read before anything loads."""
+
+    device: torch.device
+    free: float
+    """Bytes free for training: ComfyUI's free figure (VRAM plus torch's cache on a GPU,
+    available RAM on the CPU) plus, on a GPU, what the loaded models hold, which
+    :func:`load_for_training` unloads to make room."""
+    anchor_resident: bool
+    """The U-Net's weights already sit in that memory (the CPU, where ComfyUI keeps them)."""
+    anchor_dtype: torch.dtype
+    params: int
+    largest: int
+
+
+def training_memory(model) -> TrainingMemory:
+    device = torch.device(model.load_device)
+    free = float(comfy.model_management.get_free_memory(device))
+    if device.type != "cpu":
+        free += sum(m.model_loaded_memory() for m in comfy.model_management.current_loaded_models
+                    if m.model is not None and torch.device(m.device) == device)
+    sizes = [p.numel() for p in model.model.diffusion_model.parameters()]
+    return TrainingMemory(device, free, device.type == "cpu", model.model_dtype(), sum(sizes), max(sizes))
 
 
 # -- conditioning and latents ------------------------------------------------------------

@@ -22,6 +22,8 @@ import comfy.model_management
 from ...trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, ConfigError, TrainConfig
 from ...trainer.delta import ParameterDelta
 from ...trainer.job import TrainingJob
+from ...trainer.memory import CHOICES as MEMORY_CHOICES
+from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
 from ...trainer.loop import CachedExamples, RegularizedTrainer
 from ...trainer.metrics import TrainingLog
 from . import adapter
@@ -32,13 +34,15 @@ from .folders import auto_path, evict_auto, gb, mark_used, partial_path
 from .images import resize_batch
 from .progress import NodeProgress
 
-__all__ = ["DEFAULTS", "DEFAULT_DELTA_DTYPE", "DELTA_DTYPES", "PRECISIONS", "REGULARIZERS", "RunSpec", "TrainConfig",
-           "personalize"]
+__all__ = ["DEFAULTS", "DEFAULT_DELTA_DTYPE", "DELTA_DTYPES", "MEMORY_CHOICES", "MODES", "PRECISIONS", "REGULARIZERS",
+           "RunSpec", "TrainConfig", "personalize"]
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # TrainConfig field -> the node input a user sets it with (the rest have the same name).
-INPUT_NAMES = {"lam": "lambda_reg", "lr": "learning_rate"}
+# The optimizer-state fields come from the memory mode.
+INPUT_NAMES = {"lam": "lambda_reg", "lr": "learning_rate", "adam": "memory", "step_in_backward": "memory",
+               "moments": "memory", "delta_precision": "memory"}
 
 
 @dataclass
@@ -55,6 +59,7 @@ class RunSpec:
     class_images: Tensor | None = None
     class_prompt: str = ""
     delta_dtype: str = DEFAULT_DELTA_DTYPE
+    memory: str = "auto"
 
     def validate(self) -> None:
         """Every input, before any work; the error names the node input and the fix."""
@@ -78,7 +83,9 @@ class RunSpec:
 def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, TrainingLog]:
     """Run ``spec``: (the patched MODEL clone, the delta, its training log)."""
     spec.validate()
-    config = spec.config
+    memory = adapter.training_memory(spec.model)
+    mode, plan = _memory_plan(spec, memory)  # before any work: encoding, loading, delta, Adam state
+    config = configure(spec.config, mode)
     progress = NodeProgress(node_id, config.steps, config.lam)
     if spec.images.shape[0] == 1:
         progress.text("warning: only 1 reference image; 3-6 give a far better subject")
@@ -101,7 +108,8 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
                   [images] + ([class_images] if class_images is not None else []))
     meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
             "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
-            "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype}
+            "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
+            "memory": mode, "anchor_dtype": str(memory.anchor_dtype).replace("torch.", "")}
     label = f"lambda={config.lam:g}"
 
     finished = _load_finished(key, loaded.unet, progress)
@@ -113,6 +121,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         progress.finish("loaded")
         training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
     else:
+        progress.text(plan)
         with torch.inference_mode(False):
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.
@@ -149,8 +158,27 @@ def _trainer(loaded: adapter.LoadedUNet, latents: Tensor, cond: Tensor, prior: t
     prior_data = (CachedExamples(prior[0].to(dev).clone(), prior[1].to(dev).clone(), config.batch_size)
                   if prior is not None else None)
     checkpoint = adapter.checkpoint_units(loaded.unet) if config.gradient_checkpointing else ()
-    return RegularizedTrainer(loaded.eps, ParameterDelta(loaded.unet, device=dev), adapter.alphas_cumprod(loaded.patcher),
+    delta = ParameterDelta(loaded.unet, device=dev,
+                           dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
+    return RegularizedTrainer(loaded.eps, delta, adapter.alphas_cumprod(loaded.patcher),
                               data, config, prior=prior_data, checkpoint=checkpoint)
+
+
+def _memory_plan(spec: RunSpec, memory: adapter.TrainingMemory) -> tuple[str, str]:
+    """The pre-flight check (:func:`trainer.memory.preflight`), before any work: ``(mode, the
+    text that says which mode, why and what the anchor is)``."""
+    c = spec.config
+    size = torch.empty((), dtype=memory.anchor_dtype).element_size()
+    # On the CPU the anchor is the model ComfyUI already holds in RAM: not needed again.
+    needs = {m: estimate(m, memory.params, memory.largest, 0 if memory.anchor_resident else size,
+                         c.resolution, c.batch_size, c.gradient_checkpointing, c.precision) for m in ORDER}
+    try:
+        mode, why = preflight(spec.memory, memory.free, needs, str(memory.device))
+    except ConfigError as exc:
+        raise NodeInputError("memory", exc.problem, exc.fix) from None
+    anchor = str(memory.anchor_dtype).replace("torch.", "")
+    return mode, (f"memory: {mode} ({why}); anchor theta0 in {anchor} as ComfyUI loaded the model; "
+                  f"{MODES[mode].changes}")
 
 
 class _Training:
