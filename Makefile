@@ -6,10 +6,11 @@ STAMP = $(VENV)/.installed
 MODELS = .comfyui/models
 TINY_SD15 = $(MODELS)/tiny_sd15.safetensors
 TINY_SDXL = $(MODELS)/tiny_sdxl.safetensors
+FULL_SD15 = $(MODELS)/fullsize_sd15_fp16.safetensors
 
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv comfyui tiny-ckpt browser-deps test demo
+.PHONY: venv comfyui tiny-ckpt fullsize-ckpt browser-deps test demo
 
 venv: $(STAMP)
 
@@ -31,11 +32,18 @@ $(TINY_SD15): | $(STAMP)
 $(TINY_SDXL): | $(STAMP)
 	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sdxl
 
+# The full-size SD1.5 stand-in (random weights, 2.1 GB, the fp16 file's layout) for
+# tests/test_fullsize.py; `--arch sd15-full` writes the 4.3 GB fp32 one.
+fullsize-ckpt: $(FULL_SD15)
+
+$(FULL_SD15): | $(STAMP)
+	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sd15-full-fp16
+
 # Debian's chromium for tests/test_browser.py (playwright drives it; no `playwright install`).
 browser-deps:
 	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: venv comfyui tiny-ckpt browser-deps
+test: venv comfyui tiny-ckpt fullsize-ckpt browser-deps
 	$(VPY) -m pytest -q
 
 demo: venv comfyui tiny-ckpt
@@ -43,7 +51,8 @@ demo: venv comfyui tiny-ckpt
 
 # Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure, recorded in
 # docs/bench_cpu.json and rendered into README.md and docs/performance.md.
-# bench-gpu: SD1.5-shaped U-Net at 512 px on CUDA; exits non-zero without a CUDA device.
+# bench-gpu: the memory modes on the full-size SD1.5 U-Net at 512 px on CUDA (BENCH_ARGS="--caps"
+# also finds the smallest card each fits); exits non-zero without a CUDA device.
 .PHONY: bench bench-gpu bench-fullsize
 bench: venv comfyui tiny-ckpt
 	$(VPY) tools/bench.py $(BENCH_ARGS)

@@ -11,6 +11,10 @@ The module shapes come from ComfyUI's own classes (ComfyUI root from tools/setup
   layers and a missing layer would be left *uninitialised* memory, so fewer layers would not be
   deterministic or finite). Random weights with a fixed seed, scaled so every sampler step stays
   finite. Stored fp16 (about 460 MB).
+* sd15-full / sd15-full-fp16: the full-size stand-in for ``v1-5-pruned-emaonly.safetensors``
+  (fp32, 4.3 GB) and its fp16 variant (2.1 GB): the real SD1.5 U-Net (859.5M parameters), VAE
+  and 12-layer CLIP-L text model, plus the file's noise-schedule buffers and CLIP's
+  ``position_ids``, random weights.  For tests and benchmarks of the real size; never committed.
 * sdxl: a U-Net that matches ComfyUI's ``SDXL`` config exactly (transformer_depth
   [0,0,2,2,10,10], context_dim 2048, adm_in_channels 2816, linear proj) at channel_mult (1,1,1),
   the SD VAE, and CLIP-L + CLIP-G text encoders with real widths but one layer each. It is for
@@ -103,11 +107,43 @@ def _init(name: str, shape: tuple, gen):
     return torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in))
 
 
+# The real file's non-model tensors: ldm's DDPM schedule buffers (1000 steps, fp32 in both
+# variants) that ComfyUI does not read, and CLIP's position ids.
+SCHEDULE_KEYS = ("alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
+                 "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+                 "posterior_variance", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                 "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+
+
+def _schedule() -> dict:
+    import torch
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    post_var = betas * (1 - a_prev) / (1 - a)
+    values = {"alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "betas": betas,
+              "log_one_minus_alphas_cumprod": (1 - a).log(),
+              "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+              "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
+              "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a),
+              "posterior_variance": post_var, "sqrt_alphas_cumprod": a.sqrt(),
+              "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(), "sqrt_recip_alphas_cumprod": (1 / a).sqrt(),
+              "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt()}
+    return {k: values[k].float() for k in SCHEDULE_KEYS}
+
+
 def build_state_dict(arch: str) -> dict:
     _import_comfy_cpu()
     import torch
     parts = []  # (prefix, shapes)
-    if arch == "sd15":
+    if arch.startswith("sd15-full"):
+        from bench_models import SD15_FULL
+        parts.append(("model.diffusion_model.", _unet_shapes(SD15_FULL)))
+        parts.append(("first_stage_model.", _vae_shapes()))
+        clip = _clip_shapes("sd1_clip_config.json", 12)
+        clip.pop("text_projection.weight", None)  # SD1.5 files store the text model only
+        parts.append(("cond_stage_model.transformer.", clip))
+    elif arch == "sd15":
         parts.append(("model.diffusion_model.", _unet_shapes(SD15_UNET)))
         parts.append(("first_stage_model.", _vae_shapes()))
         parts.append(("cond_stage_model.transformer.", _clip_shapes("sd1_clip_config.json", 12)))
@@ -123,12 +159,15 @@ def build_state_dict(arch: str) -> dict:
         raise ValueError(f"unknown arch {arch!r}")
 
     gen = torch.Generator().manual_seed(SEED)
+    dtype = torch.float32 if arch == "sd15-full" else torch.float16
     sd = {}
     for prefix, shapes in parts:
         for key in sorted(shapes):
             full = prefix + key
             t = _init(full, shapes[key], gen)
-            sd[full] = t if t.dtype == torch.int64 else t.to(torch.float16).contiguous()
+            sd[full] = t if t.dtype == torch.int64 else t.to(dtype).contiguous()
+    if arch.startswith("sd15-full"):
+        sd.update(_schedule())
     return sd
 
 
@@ -183,7 +222,7 @@ def verify(path: Path, sample: bool = False) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--arch", choices=["sd15", "sd15-full", "sd15-full-fp16", "sdxl"], default="sd15")
     ap.add_argument("--no-verify", action="store_true", help="skip loading it back with ComfyUI")
     ap.add_argument("--sample", action="store_true",
                     help="also run a 4-step euler sample + VAE decode and check it is finite (sd15)")
@@ -193,7 +232,7 @@ def main(argv=None) -> int:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, arch={args.arch})")
     if not args.no_verify:
         name = verify(path, sample=args.sample and args.arch == "sd15")
-        expected = {"sd15": "SD15", "sdxl": "SDXL"}[args.arch]
+        expected = "SDXL" if args.arch == "sdxl" else "SD15"
         if name != expected:
             raise SystemExit(f"expected ComfyUI to detect {expected}, got {name}")
     return 0

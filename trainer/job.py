@@ -9,7 +9,9 @@ step count is ``trainer.step_count``.
 """
 from __future__ import annotations
 
+import ctypes
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -48,6 +50,7 @@ class TrainingJob:
         return self
 
     def _run(self) -> None:
+        _name_os_thread(self._thread.name)
         trainer, total = self.trainer, self.trainer.config.steps
         first, started = trainer.step_count, time.perf_counter()
         # Grad mode is thread-local: ComfyUI runs nodes under inference_mode, which must not
@@ -100,3 +103,14 @@ class TrainingJob:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the worker its name in the OS too (``top -H``, ``py-spy``, ``/proc/<pid>/task/*/comm``):
+    Python before 3.14 names threads for Python only.  Linux only; best effort."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
