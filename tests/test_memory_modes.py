@@ -220,3 +220,29 @@ def test_preflight_on_the_cpu_refuses_what_no_mode_fits():
     assert "8gb needs about" in err.value.problem and "on cpu" in err.value.problem
     assert err.value.fix.startswith("Choose a lower resolution or batch 1")
     assert preflight("auto", 32 * GB, _sd15_needs(anchor_bytes=0))[0] == "faithful"
+
+
+def test_the_base_fingerprint_is_the_same_for_an_fp32_and_an_fp16_load(tiny_ckpt, tmp_path):
+    """A delta trained where ComfyUI loads SD1.5 in fp32 (CPU) keys and applies the same where
+    it loads it in fp16 (GPU): the fingerprint identifies the checkpoint, not the load dtype."""
+    import comfy.sd
+    from safetensors.torch import load_file, save_file
+    from test_persistence import _pack_module
+
+    adapter = _pack_module("nodes.host.adapter")
+    # An fp32 file whose values fp16 cannot hold exactly, as v1-5-pruned-emaonly's.
+    g = torch.Generator().manual_seed(0)
+    fp32 = {k: (v.float() * (1 + 1e-4 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v)
+            for k, v in load_file(str(tiny_ckpt)).items()}
+    save_file(fp32, str(tmp_path / "fp32.safetensors"))
+    unets = {}
+    for dtype in (torch.float32, torch.float16):
+        model = comfy.sd.load_checkpoint_guess_config(str(tmp_path / "fp32.safetensors"), output_vae=False,
+                                                      output_clip=False, model_options={"dtype": dtype})[0]
+        unets[dtype] = model.model.diffusion_model
+    assert next(unets[torch.float16].parameters()).dtype == torch.float16
+    assert next(unets[torch.float32].parameters()).dtype == torch.float32
+    assert adapter.fingerprint(unets[torch.float32]) == adapter.fingerprint(unets[torch.float16])
+    with torch.no_grad():  # and a changed weight changes it
+        next(unets[torch.float16].parameters()).view(-1)[0] += 1.0
+    assert adapter.fingerprint(unets[torch.float32]) != adapter.fingerprint(unets[torch.float16])
