@@ -20,7 +20,8 @@ def test_the_docs_agree_with_the_recorded_measurements():
 def test_every_block_is_present_and_filled():
     names = {doc.name: {m.group("name") for m in render_docs.BLOCK.finditer(doc.read_text())}
              for doc in render_docs.DOCS}
-    assert names == {"README.md": {"perf-summary", "toy-table"}, "performance.md": {"perf-summary", "perf-options", "perf-fullsize"},
+    assert names == {"README.md": {"perf-summary", "toy-table", "vram-modes"},
+                     "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-gpu"},
                      "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"}}
     for doc in render_docs.DOCS:
         for m in render_docs.BLOCK.finditer(doc.read_text()):

@@ -26,6 +26,14 @@ if str(REPO_ROOT) not in sys.path:
 BENCH = REPO_ROOT / "docs" / "bench_cpu.json"
 FULLSIZE = REPO_ROOT / "docs" / "bench_fullsize.json"
 TOY = REPO_ROOT / "docs" / "toy.json"
+GPU = REPO_ROOT / "docs" / "gpu"
+# The GPU runs (tools/bench_gpu.py output, one JSON line per figure) and the modes each one
+# measured as the code defines them today: the first run measured 12gb/8gb with bf16 compute,
+# a recipe since replaced (its rows are shown as such).
+GPU_RUNS = [("bench_gpu_modes_bf16.jsonl", {"faithful": "faithful", "lean": "lean",
+                                            "12gb": "12gb with bf16 compute (superseded)",
+                                            "8gb": "8gb with bf16 compute (superseded)"}),
+            ("bench_gpu_modes_final.jsonl", {"12gb": "12gb", "8gb": "8gb"})]
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "performance.md", REPO_ROOT / "docs" / "toy.md"]
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
                    re.S)
@@ -124,6 +132,73 @@ def perf_fullsize() -> str:
     return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(list(figures.values())) + "\n"
 
 
+def _gpu_lines(name: str) -> list[dict[str, Any]]:
+    path = GPU / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")] if path.exists() else []
+
+
+def perf_gpu() -> str:
+    """The memory modes on a GPU, from the JSON lines of tools/bench_gpu.py in docs/gpu/."""
+    lines = ["| mode | s / 1000 steps | state between steps | peak, allocator capped | peak, uncapped | "
+             "smallest card it ran on | vs faithful: cosine, rel. diff (steps) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs = []
+    for file, modes in GPU_RUNS:
+        figures = {f["name"]: f for f in _gpu_lines(file)}
+        for mode, label in modes.items():
+            def get(key: str) -> dict[str, Any] | None:
+                return figures.get(f"gpu_{key}_{mode}")
+            speed, peak, capped, fits = get("s_per_1000"), get("peak_gb"), get("peak_gb"), get("fits")
+            capped = figures.get(f"gpu_peak_gb_{mode}_capped")
+            cosine, rel = get("cosine"), get("rel_diff")
+            if speed is None:
+                continue
+            runs.append((file, speed))
+            px = speed.get("px", 512)
+            card = ("not measured" if fits is None else
+                    f"{fits['value']} GB" if fits["value"] else "none of 8-24 GB")
+            vs = ("reference" if mode == "faithful" else "not measured" if cosine is None else
+                  f"{cosine['value']:.5f}, {rel['value']:.2g} ({cosine['steps']})")
+            lines.append(f"| {label} | {speed['value']:.0f} s ({px} px) | "
+                         f"{peak.get('resident_between_steps_gb', 0):.2f} GB | "
+                         f"{'not measured' if capped is None or capped['value'] is None else str(capped['value']) + ' GB'}"
+                         f" | {peak['value']:.2f} GB | {card} | {vs} |")
+    if not runs:
+        return "Not measured: run `make bench-gpu` on a machine with CUDA.\n"
+    first = runs[0][1]
+    sources = sorted({f"`docs/gpu/{file}`" for file, _ in runs})
+    return ("\n".join(lines) + f"\n\nMeasured on {first['device']}, torch {first['torch']}, {first['date']}, "
+            f"`python tools/bench_gpu.py --caps` (and `--modes faithful 12gb 8gb --latents 64 --steps 8 --warmup 2` "
+            f"for the current 12gb/8gb); lines in {', '.join(sources)}.\n")
+
+
+def vram_modes() -> str:
+    """README's per-mode table: what each memory mode changes (trainer/memory.py) and what it
+    held on a GPU (the current recipe's run in docs/gpu/)."""
+    from trainer.memory import MODES
+
+    current = {}
+    for file, modes in GPU_RUNS:
+        figures = {f["name"]: f for f in _gpu_lines(file)}
+        for mode, label in modes.items():
+            if label == mode and f"gpu_peak_gb_{mode}" in figures:
+                current[mode] = {k: figures.get(f"gpu_{k}_{mode}") for k in ("peak_gb", "fits", "cosine")}
+                current[mode]["capped"] = figures.get(f"gpu_peak_gb_{mode}_capped")
+    lines = ["| mode | what it changes from the paper | held between steps | peak under a capped allocator "
+             "(smallest card it ran on) | delta vs faithful's (cosine) |", "| --- | --- | --- | --- | --- |"]
+    for name, mode in MODES.items():
+        f = current.get(name)
+        if f is None:
+            lines.append(f"| `{name}` | {mode.changes} | not measured | not measured | not measured |")
+            continue
+        capped = ("not measured" if f["capped"] is None or f["capped"]["value"] is None else
+                  f"{f['capped']['value']} GB ({f['fits']['value']} GB)")
+        cosine = "reference" if name == "faithful" else (
+            "not measured" if f["cosine"] is None else f"{f['cosine']['value']:.5f} after {f['cosine']['steps']} steps")
+        lines.append(f"| `{name}` | {mode.changes} | {f['peak_gb']['resident_between_steps_gb']:.2f} GB | {capped} | {cosine} |")
+    return "\n".join(lines) + "\n"
+
+
 def _toy(render_name: str) -> Callable[[], str]:
     """A table of trainer/toy.py's, rendered from docs/toy.json."""
     def render() -> str:
@@ -137,7 +212,8 @@ def _toy(render_name: str) -> Callable[[], str]:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize,
+    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-gpu": perf_gpu,
+    "vram-modes": vram_modes,
     "toy-table": _toy("markdown_table"),
     "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table")}
 

@@ -52,7 +52,7 @@ class MemoryMode:
 MODES: dict[str, MemoryMode] = {m.name: m for m in (
     MemoryMode("faithful", "checkpoint",
                dict(adam="fused", step_in_backward=False, moments="fp32", delta_precision="fp32"),
-               "nothing: the paper's fp32 run (fused Adam kernel, equal to torch's default to 1e-6)"),
+               "nothing: the paper's fp32 run (torch's fused Adam kernel: the default update up to rounding order)"),
     MemoryMode("lean", "checkpoint",
                dict(adam="fused", step_in_backward=True, moments="fp32", delta_precision="fp32"),
                "nothing in the maths: Adam steps each tensor during backward, so the full gradient "
