@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caps", action="store_true", help="also find the smallest card each mode fits (CUDA only)")
     p.add_argument("--probes", action="store_true", help="attribute the compact modes' deviation (see PROBES)")
     p.add_argument("--probe", type=_probe, nargs="*", default=[],
-                   help='extra probes, NAME:MODE:JSON (e.g. 12gb_fp32:12gb:{"precision": "fp32"})')
+                   help='probes of your own instead of PROBES, NAME:MODE:JSON (e.g. 12gb_fp32:12gb:{"precision": "fp32"})')
     args = p.parse_args(argv)
     args.probe = dict(args.probe)
 
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 d = bench.run(mode, timed, args.steps, args.warmup, adam="default")["delta"]
                 emit("gpu_rel_diff_faithful_default_adam", compare(d, reference)[1], "ratio",
                      steps=args.steps + args.warmup, **meta)
-                # How much of a bf16 mode's deviation is bf16 compute alone (fp32 anchor and state).
-                for name, (base, variant) in (args.probe or PROBES).items() if args.probes else ():
+                # Which ingredient of a compact mode makes its deviation (PROBES, or --probe's own).
+                for name, (base, variant) in (args.probe or PROBES).items() if args.probes or args.probe else ():
                     d = bench.run(base, timed, args.steps, args.warmup, **variant)["delta"]
                     cos, rel = compare(d, reference)
                     emit(f"gpu_cosine_{name}", round(cos, 6), "cosine", steps=args.steps + args.warmup,

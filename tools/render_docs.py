@@ -137,36 +137,43 @@ def _gpu_lines(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")] if path.exists() else []
 
 
+def _gpu_modes() -> list[tuple[str, str, str, dict[str, dict[str, Any] | None]]]:
+    """``(file, mode, label, figures)`` per mode a GPU run measured; ``figures`` holds the mode's
+    ``speed``, ``peak``, ``capped``, ``fits``, ``cosine`` and ``rel`` lines (None: not measured)."""
+    keys = {"speed": "gpu_s_per_1000_{}", "peak": "gpu_peak_gb_{}", "capped": "gpu_peak_gb_{}_capped",
+            "fits": "gpu_fits_{}", "cosine": "gpu_cosine_{}", "rel": "gpu_rel_diff_{}"}
+    rows = []
+    for file, modes in GPU_RUNS:
+        lines = {f["name"]: f for f in _gpu_lines(file)}
+        for mode, label in modes.items():
+            figures = {k: lines.get(name.format(mode)) for k, name in keys.items()}
+            if figures["speed"] is not None and figures["peak"] is not None:
+                rows.append((file, mode, label, figures))
+    return rows
+
+
+def _capped(f: dict[str, dict[str, Any] | None]) -> str:
+    return "not measured" if f["capped"] is None or f["capped"]["value"] is None else f"{f['capped']['value']} GB"
+
+
 def perf_gpu() -> str:
     """The memory modes on a GPU, from the JSON lines of tools/bench_gpu.py in docs/gpu/."""
     lines = ["| mode | s / 1000 steps | state between steps | peak, allocator capped | peak, uncapped | "
              "smallest card it ran on | vs faithful: cosine, rel. diff (steps) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    runs = []
-    for file, modes in GPU_RUNS:
-        figures = {f["name"]: f for f in _gpu_lines(file)}
-        for mode, label in modes.items():
-            def get(key: str) -> dict[str, Any] | None:
-                return figures.get(f"gpu_{key}_{mode}")
-            speed, peak, capped, fits = get("s_per_1000"), get("peak_gb"), get("peak_gb"), get("fits")
-            capped = figures.get(f"gpu_peak_gb_{mode}_capped")
-            cosine, rel = get("cosine"), get("rel_diff")
-            if speed is None:
-                continue
-            runs.append((file, speed))
-            px = speed.get("px", 512)
-            card = ("not measured" if fits is None else
-                    f"{fits['value']} GB" if fits["value"] else "none of 8-24 GB")
-            vs = ("reference" if mode == "faithful" else "not measured" if cosine is None else
-                  f"{cosine['value']:.5f}, {rel['value']:.2g} ({cosine['steps']})")
-            lines.append(f"| {label} | {speed['value']:.0f} s ({px} px) | "
-                         f"{peak.get('resident_between_steps_gb', 0):.2f} GB | "
-                         f"{'not measured' if capped is None or capped['value'] is None else str(capped['value']) + ' GB'}"
-                         f" | {peak['value']:.2f} GB | {card} | {vs} |")
-    if not runs:
+    rows = _gpu_modes()
+    for _, mode, label, f in rows:
+        speed, peak, fits, cosine = f["speed"], f["peak"], f["fits"], f["cosine"]
+        card = "not measured" if fits is None else f"{fits['value']} GB" if fits["value"] else "none of 8-24 GB"
+        vs = ("reference" if mode == "faithful" else "not measured" if cosine is None else
+              f"{cosine['value']:.5f}, {f['rel']['value']:.2g} ({cosine['steps']})")
+        lines.append(f"| {label} | {speed['value']:.0f} s ({speed.get('px', 512)} px) | "
+                     f"{peak.get('resident_between_steps_gb', 0):.2f} GB | {_capped(f)} | {peak['value']:.2f} GB | "
+                     f"{card} | {vs} |")
+    if not rows:
         return "Not measured: run `make bench-gpu` on a machine with CUDA.\n"
-    first = runs[0][1]
-    sources = sorted({f"`docs/gpu/{file}`" for file, _ in runs})
+    first = rows[0][3]["speed"]
+    sources = sorted({f"`docs/gpu/{file}`" for file, *_ in rows})
     return ("\n".join(lines) + f"\n\nMeasured on {first['device']}, torch {first['torch']}, {first['date']}, "
             f"`python tools/bench_gpu.py --caps` (and `--modes faithful 12gb 8gb --latents 64 --steps 8 --warmup 2` "
             f"for the current 12gb/8gb); lines in {', '.join(sources)}.\n")
@@ -177,13 +184,7 @@ def vram_modes() -> str:
     held on a GPU (the current recipe's run in docs/gpu/)."""
     from trainer.memory import MODES
 
-    current = {}
-    for file, modes in GPU_RUNS:
-        figures = {f["name"]: f for f in _gpu_lines(file)}
-        for mode, label in modes.items():
-            if label == mode and f"gpu_peak_gb_{mode}" in figures:
-                current[mode] = {k: figures.get(f"gpu_{k}_{mode}") for k in ("peak_gb", "fits", "cosine")}
-                current[mode]["capped"] = figures.get(f"gpu_peak_gb_{mode}_capped")
+    current = {mode: f for _, mode, label, f in _gpu_modes() if label == mode}
     lines = ["| mode | what it changes from the paper | held between steps | peak under a capped allocator "
              "(smallest card it ran on) | delta vs faithful's (cosine) |", "| --- | --- | --- | --- | --- |"]
     for name, mode in MODES.items():
@@ -191,11 +192,11 @@ def vram_modes() -> str:
         if f is None:
             lines.append(f"| `{name}` | {mode.changes} | not measured | not measured | not measured |")
             continue
-        capped = ("not measured" if f["capped"] is None or f["capped"]["value"] is None else
-                  f"{f['capped']['value']} GB ({f['fits']['value']} GB)")
+        capped = _capped(f) + (f" ({f['fits']['value']} GB)" if f["fits"] is not None and _capped(f) != "not measured"
+                               else "")
         cosine = "reference" if name == "faithful" else (
             "not measured" if f["cosine"] is None else f"{f['cosine']['value']:.5f} after {f['cosine']['steps']} steps")
-        lines.append(f"| `{name}` | {mode.changes} | {f['peak_gb']['resident_between_steps_gb']:.2f} GB | {capped} | {cosine} |")
+        lines.append(f"| `{name}` | {mode.changes} | {f['peak']['resident_between_steps_gb']:.2f} GB | {capped} | {cosine} |")
     return "\n".join(lines) + "\n"
 
 

@@ -89,7 +89,9 @@ class _Codec:
 
     def encode(self, stored: dict[str, Tensor], x: Tensor, root: bool, generator: torch.Generator) -> None:
         if self.moments == "fp32":
-            return  # decode returned the stored tensor: already updated in place
+            if x is not stored["value"]:  # after decode the update already happened in place
+                stored["value"].copy_(x)
+            return
         if self.moments == "bf16":
             stored["value"].copy_(stochastic_round(x, torch.bfloat16, generator))
             return
@@ -187,10 +189,6 @@ class CompactAdam(torch.optim.Optimizer):
             entry = {"step": torch.tensor(float(step))}
             for key, root in (("exp_avg", False), ("exp_avg_sq", True)):
                 stored = self.codec.zeros(p)
-                value = s[key].to(p.device, torch.float32)
-                if self.codec.moments == "fp32":
-                    stored["value"].copy_(value)
-                else:
-                    self.codec.encode(stored, value, root=root, generator=gen)
+                self.codec.encode(stored, s[key].to(p.device, torch.float32), root=root, generator=gen)
                 entry[key] = stored
             self.state[p] = entry

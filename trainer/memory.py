@@ -31,6 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from .compact_adam import BLOCK
 from .config import ConfigError, TrainConfig
 
 Anchor = Literal["checkpoint", "model"]
@@ -106,27 +107,25 @@ def configure(config: TrainConfig, mode: str) -> TrainConfig:
 
 
 def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution: int, batch_size: int = 1,
-             checkpointing: bool = True, precision: str = "fp32", resident_bytes: float = 0.0) -> Estimate:
+             checkpointing: bool = True, precision: str = "fp32") -> Estimate:
     """Peak bytes of training ``params`` parameters (``largest`` in the biggest tensor) in ``mode``.
 
     ``anchor_bytes``: bytes per parameter of theta0 in this mode (4 for an fp32 checkpoint
-    anchor, 2 for an fp16 model); ``resident_bytes``: anything else the host keeps on the
-    device meanwhile (e.g. the model's own weights when the anchor is a separate fp32 copy).
+    anchor, 2 for an fp16 model, 0 where the host already holds it in that memory).
     """
-    m = MODES[mode].options
-    delta = 2 if m["delta_precision"] == "bf16" else 4
-    moments = {"fp32": 8.0, "bf16": 4.0, "fp8": 2.0 + 8.0 / 256}[m["moments"]]
-    grads = largest * 4 * 2 if m["step_in_backward"] else params * delta
-    compact = m["moments"] != "fp32" or m["delta_precision"] != "fp32"
+    c = configure(TrainConfig(), mode)
+    delta = 2 if c.delta_precision == "bf16" else 4
+    moments = {"fp32": 8.0, "bf16": 4.0, "fp8": 2.0 + 8.0 / BLOCK}[c.moments]  # fp8: + one fp32 scale per block
+    grads = largest * 4 * 2 if c.step_in_backward else params * delta
     # torch's default multi-tensor Adam holds one parameter-sized temporary; fused and the
     # per-tensor updates hold a few copies of one tensor.
-    adam_temp = largest * 4 * 6 if compact or m["step_in_backward"] or m["adam"] == "fused" else params * 4
+    adam_temp = largest * 4 * 6 if c.compact_state or c.step_in_backward or c.adam == "fused" else params * 4
     act = ACTIVATION_PER_PIXEL[precision] * resolution * resolution * batch_size
     if not checkpointing:
         act *= ACTIVATION_NO_CHECKPOINTING
     parts = {"anchor": float(params * anchor_bytes), "delta": float(params * delta), "gradients": float(grads),
              "adam": params * moments + adam_temp, "activations": TRANSIENT_PER_PARAM * params + act,
-             "other": OVERHEAD + resident_bytes}
+             "other": OVERHEAD}
     return Estimate(mode, parts)
 
 

@@ -118,6 +118,11 @@ class TrainingMemory:
     params: int
     largest: int
 
+    @property
+    def anchor_name(self) -> str:
+        """``float16``, ``float32``...: the anchor's dtype as the node reports it."""
+        return str(self.anchor_dtype).removeprefix("torch.")
+
 
 def training_memory(model) -> TrainingMemory:
     device = torch.device(model.load_device)

@@ -109,7 +109,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
             "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
             "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
-            "memory": mode, "anchor_dtype": str(memory.anchor_dtype).replace("torch.", "")}
+            "memory": mode, "anchor_dtype": memory.anchor_name}
     label = f"lambda={config.lam:g}"
 
     finished = _load_finished(key, loaded.unet, progress)
@@ -176,8 +176,7 @@ def _memory_plan(spec: RunSpec, memory: adapter.TrainingMemory) -> tuple[str, st
         mode, why = preflight(spec.memory, memory.free, needs, str(memory.device))
     except ConfigError as exc:
         raise NodeInputError("memory", exc.problem, exc.fix) from None
-    anchor = str(memory.anchor_dtype).replace("torch.", "")
-    return mode, (f"memory: {mode} ({why}); anchor theta0 in {anchor} as ComfyUI loaded the model; "
+    return mode, (f"memory: {mode} ({why}); anchor theta0 in {memory.anchor_name} as ComfyUI loaded the model; "
                   f"{MODES[mode].changes}")
 
 
