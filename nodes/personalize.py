@@ -63,7 +63,7 @@ class LipschitzPersonalize(io.ComfyNode):
                 DeltaType.Output(display_name="DELTA"),
                 TrainingLogType.Output(display_name="TRAINING_LOG"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -75,5 +75,6 @@ class LipschitzPersonalize(io.ComfyNode):
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer, seed=seed,
                              batch_size=batch_size, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                              prior_weight=prior_weight, precision=precision)
-        spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory)
+        spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory,
+                       cls.hidden.prompt)
         return io.NodeOutput(*personalize(spec, cls.hidden.unique_id or "0"))

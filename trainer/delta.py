@@ -2,7 +2,9 @@
 
 The anchor ``theta0`` is the module's own parameter tensors, referenced and never written:
 it is exact (no rounded copy), the base model other holders share is never mutated, and
-``L_lip`` is a function of the fp32 deltas alone.  :meth:`ParameterDelta.applied` makes the
+``L_lip`` is a function of the fp32 deltas alone.  Where the host holds the module in a
+narrower dtype than its checkpoint file (fp16 on a GPU), the caller passes the file's values as
+``anchor`` instead, and the module's own tensors are only swapped back after each layer.  :meth:`ParameterDelta.applied` makes the
 module compute with ``theta0 + delta`` lazily, one layer at a time, through forward hooks, so
 no second full copy of the weights is built at once and gradient checkpointing recomputes the
 sums instead of keeping them. Layers must be called through their ``forward`` (as ComfyUI's
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 
 class ParameterDelta:
     """Deltas for the parameters of ``module`` selected by ``include`` (all by default): fp32
-    (the paper) or ``dtype`` (bf16 for the ``8gb`` memory mode)."""
+    (the paper) or ``dtype`` (bf16 for the ``8gb`` memory mode), against ``anchor`` (by name;
+    the module's own tensors by default)."""
 
     def __init__(
         self,
@@ -30,9 +33,14 @@ class ParameterDelta:
         include: Callable[[str], bool] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        anchor: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.module = module
         self.base = select_base(module, include)
+        if anchor is not None:
+            if set(anchor) != set(self.base) or any(anchor[n].shape != b.shape for n, b in self.base.items()):
+                raise ValueError("the anchor's tensors must match the trained parameters' names and shapes")
+            self.base = {name: anchor[name] for name in self.base}
         # zeros_like keeps the base's memory format (channels_last stays channels_last, so
         # ``base + delta`` does not silently convert); for contiguous bases it is torch.zeros.
         self.delta: dict[str, Tensor] = {
@@ -101,20 +109,21 @@ class ParameterDelta:
         exception.
         """
         modules = dict(self.module.named_modules())
+        # (attribute, the module's own tensor, put back after the layer; name, to sum theta0 + delta)
         slots: dict[nn.Module, list[tuple[str, Tensor, str]]] = defaultdict(list)
-        for name, base in self.base.items():
+        for name in self.base:
             owner, _, attr = name.rpartition(".")
-            slots[modules[owner]].append((attr, base, name))
+            slots[modules[owner]].append((attr, modules[owner]._parameters[attr], name))
 
         def swap_in(mod: nn.Module, _args: object) -> None:
-            for attr, base, name in slots[mod]:
+            for attr, _own, name in slots[mod]:
                 # detach: a base that requires grad (torch's default for a Parameter) would
                 # otherwise get its own full-size .grad, written onto the shared model.
-                mod._parameters[attr] = self.summed(name, base.detach())
+                mod._parameters[attr] = self.summed(name, self.base[name].detach())
 
         def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
-            for attr, base, _ in slots[mod]:
-                mod._parameters[attr] = base
+            for attr, own, _ in slots[mod]:
+                mod._parameters[attr] = own
 
         for m in checkpoint:
             if any(True for _ in m.parameters(recurse=False)):
@@ -133,8 +142,8 @@ class ParameterDelta:
             for m in checkpoint:
                 m.__dict__.pop("forward", None)
             for m, entries in slots.items():
-                for attr, base, _ in entries:
-                    m._parameters[attr] = base
+                for attr, own, _ in entries:
+                    m._parameters[attr] = own
 
 
 def select_base(module: nn.Module, include: Callable[[str], bool] | None) -> dict[str, Tensor]:

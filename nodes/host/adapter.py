@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,8 @@ from torch import Tensor, nn
 import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
+import folder_paths
+from safetensors import safe_open
 
 from .delta_file import PATCH_PREFIX
 from .errors import NodeInputError
@@ -103,6 +106,96 @@ def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
     return LoadedUNet(patcher, patcher.model.diffusion_model, torch.device(device), dtype)
 
 
+# -- the anchor ---------------------------------------------------------------------------
+# Loader nodes whose MODEL holds a file's U-Net as stored there: class -> (input, folder).
+LOADERS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "CheckpointLoader": ("ckpt_name", "checkpoints"),
+           "UNETLoader": ("unet_name", "diffusion_models")}
+# Where an SD1.5 U-Net's tensors sit in the files those loaders read (ldm layout).
+UNET_PREFIXES = ("model.diffusion_model.", "")
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class Anchor:
+    """Where theta0 comes from: the checkpoint file's values, or the model as ComfyUI holds it."""
+
+    dtype: torch.dtype
+    file: Path | None
+    """The file to read theta0 from (its values are wider than the loaded model's), or ``None``:
+    the model's own weights are theta0."""
+    prefix: str
+    why: str
+    """How the node says where theta0 comes from, e.g. ``from the checkpoint file x.safetensors``."""
+
+    @property
+    def name(self) -> str:
+        """``float16``, ``float32``...: the anchor's dtype as the node reports it."""
+        return str(self.dtype).removeprefix("torch.")
+
+
+def source_file(model, prompt: dict | None = None, node_id: str | None = None) -> tuple[Path | None, str]:
+    """The file ``model``'s U-Net was loaded from, unchanged since, or ``(None, why not)``.
+
+    Current ComfyUI records the loader call on the patcher (``cached_patcher_init``, kept by
+    ``clone``); 0.3.x does not, so the prompt graph is read too: the node's ``model`` input
+    linked straight to a checkpoint or U-Net loader.  A model that carries weight patches
+    (a LoRA, a merge) is not the file's, so it has none.
+    """
+    if getattr(model, "patches", None):
+        return None, "the model carries weight patches (a LoRA or a merge), so its weights are not the file's"
+    init = getattr(model, "cached_patcher_init", None)
+    if init and getattr(init[0], "__name__", "").startswith(("load_checkpoint_guess_config", "load_diffusion_model")):
+        return Path(init[1][0]), ""
+    link = ((prompt or {}).get(str(node_id), {}).get("inputs", {}) or {}).get("model")
+    source = (prompt or {}).get(str(link[0])) if isinstance(link, list) and link else None
+    if source and source.get("class_type") in LOADERS:
+        name, folder = LOADERS[source["class_type"]]
+        path = folder_paths.get_full_path(folder, source.get("inputs", {}).get(name, ""))
+        if path:
+            return Path(path), ""
+    return None, "the model input does not come straight from a checkpoint loader, so its file is unknown"
+
+
+def choose_anchor(model, unet: nn.Module, prompt: dict | None = None, node_id: str | None = None) -> Anchor:
+    """theta0 for the faithful modes: the checkpoint file's values where ComfyUI holds the
+    U-Net in a narrower dtype than the file stores (fp16 on a GPU from an fp32 file), else
+    the model itself.  Reads the file's header only."""
+    held = model.model_dtype()
+    path, why_not = source_file(model, prompt, node_id)
+    if path is None:
+        return Anchor(held, None, "", f"as ComfyUI loaded the model ({why_not})")
+    if path.suffix != ".safetensors":
+        return Anchor(held, None, "", f"as ComfyUI loaded the model ({path.name} is not a .safetensors file)")
+    names = {n: tuple(p.shape) for n, p in unet.named_parameters()}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        prefix = next((pre for pre in UNET_PREFIXES if all(pre + n in keys for n in names)), None)
+        if prefix is None:
+            return Anchor(held, None, "", f"as ComfyUI loaded the model ({path.name} does not hold its U-Net in "
+                                          "the SD1.5 layout)")
+        stored = {STORED_DTYPES.get(f.get_slice(prefix + n).get_dtype()) for n in names}
+    if held == torch.float32 or stored == {held}:  # fp32 holds fp16 and bf16 values exactly
+        return Anchor(held, None, "", f"as ComfyUI loaded the model (it holds the values stored in {path.name} exactly)")
+    return Anchor(torch.float32, path, prefix, f"from the checkpoint file {path.name} "
+                                                f"(ComfyUI holds the model in {str(held).removeprefix('torch.')})")
+
+
+def read_anchor(anchor: Anchor, unet: nn.Module, device: torch.device) -> dict[str, Tensor] | None:
+    """theta0 from ``anchor.file`` on ``device`` (``None``: the model's weights are theta0),
+    checked against the U-Net's shapes; one tensor at a time, so the peak is the anchor."""
+    if anchor.file is None:
+        return None
+    out = {}
+    with safe_open(str(anchor.file), framework="pt") as f:
+        for name, p in unet.named_parameters():
+            t = f.get_tensor(anchor.prefix + name)
+            if tuple(t.shape) != tuple(p.shape):
+                raise NodeInputError("model", f"{anchor.file.name}: {name} has shape {tuple(t.shape)}, the loaded "
+                                              f"model {tuple(p.shape)}", "Load the checkpoint with CheckpointLoaderSimple")
+            out[name] = t.to(device, torch.float32)
+    return out
+
+
 @dataclass
 class TrainingMemory:
     """What the pre-flight check needs to know about the device, read before anything loads."""
@@ -112,16 +205,19 @@ class TrainingMemory:
     """Bytes free for training: ComfyUI's free figure (VRAM plus torch's cache on a GPU,
     available RAM on the CPU) plus, on a GPU, what the loaded models hold, which
     :func:`load_for_training` unloads to make room."""
-    anchor_resident: bool
-    """The U-Net's weights already sit in that memory (the CPU, where ComfyUI keeps them)."""
-    anchor_dtype: torch.dtype
+    on_cpu: bool
+    """The model's weights already sit in that memory (the CPU, where ComfyUI keeps them)."""
+    model_dtype: torch.dtype
     params: int
     largest: int
 
-    @property
-    def anchor_name(self) -> str:
-        """``float16``, ``float32``...: the anchor's dtype as the node reports it."""
-        return str(self.anchor_dtype).removeprefix("torch.")
+    def anchor_bytes(self, anchor: Anchor) -> tuple[int, int]:
+        """Bytes per parameter of ``(theta0, the model's own copy)`` in the training memory:
+        on the CPU the model is already in RAM; on a GPU it is loaded beside a file anchor."""
+        model = 0 if self.on_cpu else self.model_dtype.itemsize
+        if anchor.file is None:
+            return model, 0
+        return anchor.dtype.itemsize, model
 
 
 def training_memory(model) -> TrainingMemory:

@@ -60,6 +60,8 @@ class RunSpec:
     class_prompt: str = ""
     delta_dtype: str = DEFAULT_DELTA_DTYPE
     memory: str = "auto"
+    graph: dict | None = None
+    """The prompt graph (ComfyUI's hidden PROMPT): where the model input was loaded from."""
 
     def validate(self) -> None:
         """Every input, before any work; the error names the node input and the fix."""
@@ -84,7 +86,9 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     """Run ``spec``: (the patched MODEL clone, the delta, its training log)."""
     spec.validate()
     memory = adapter.training_memory(spec.model)
-    mode, plan = _memory_plan(spec, memory)  # before any work: encoding, loading, delta, Adam state
+    anchors = _anchors(spec, node_id)
+    mode, plan = _memory_plan(spec, memory, anchors)  # before any work: encoding, loading, delta, Adam state
+    anchor = anchors[MODES[mode].anchor]
     config = configure(spec.config, mode)
     progress = NodeProgress(node_id, config.steps, config.lam)
     if spec.images.shape[0] == 1:
@@ -104,12 +108,12 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     loaded = adapter.load_for_training(spec.model, COMPUTE_DTYPES[config.precision])
     base_id = adapter.fingerprint(loaded.unet)
     key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
-                   "class_prompt": spec.class_prompt if class_images is not None else None},
+                   "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
                   [images] + ([class_images] if class_images is not None else []))
     meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
             "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
             "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
-            "memory": mode, "anchor_dtype": memory.anchor_name}
+            "memory": mode, "anchor_dtype": anchor.name, "anchor": anchor.why}
     label = f"lambda={config.lam:g}"
 
     finished = _load_finished(key, loaded.unet, progress)
@@ -125,7 +129,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         with torch.inference_mode(False):
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.
-            training = _Training(_trainer(loaded, latents, cond, prior, config), key, meta,
+            training = _Training(_trainer(loaded, anchor, latents, cond, prior, config), key, meta,
                                  TrainingLog(label, config.lam), progress, spec.delta_dtype)
             if spec.resume:
                 training.resume()
@@ -151,33 +155,44 @@ def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta
     return delta, saved_log
 
 
-def _trainer(loaded: adapter.LoadedUNet, latents: Tensor, cond: Tensor, prior: tuple[Tensor, Tensor] | None,
-             config: TrainConfig) -> RegularizedTrainer:
+def _trainer(loaded: adapter.LoadedUNet, anchor: adapter.Anchor, latents: Tensor, cond: Tensor,
+             prior: tuple[Tensor, Tensor] | None, config: TrainConfig) -> RegularizedTrainer:
     dev = loaded.device
     data = CachedExamples(latents.to(dev).clone(), cond.to(dev).clone(), config.batch_size)
     prior_data = (CachedExamples(prior[0].to(dev).clone(), prior[1].to(dev).clone(), config.batch_size)
                   if prior is not None else None)
     checkpoint = adapter.checkpoint_units(loaded.unet) if config.gradient_checkpointing else ()
     delta = ParameterDelta(loaded.unet, device=dev,
-                           dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
+                           dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32,
+                           anchor=adapter.read_anchor(anchor, loaded.unet, dev))
     return RegularizedTrainer(loaded.eps, delta, adapter.alphas_cumprod(loaded.patcher),
                               data, config, prior=prior_data, checkpoint=checkpoint)
 
 
-def _memory_plan(spec: RunSpec, memory: adapter.TrainingMemory) -> tuple[str, str]:
+def _anchors(spec: RunSpec, node_id: str) -> dict[str, adapter.Anchor]:
+    """theta0 for each kind of mode (:attr:`trainer.memory.MemoryMode.anchor`): ``checkpoint``,
+    the file's values where ComfyUI holds the model narrower; ``model``, the model as held."""
+    held = spec.model.model_dtype()
+    return {"checkpoint": adapter.choose_anchor(spec.model, spec.model.model.diffusion_model, spec.graph, node_id),
+            "model": adapter.Anchor(held, None, "", "as ComfyUI loaded the model")}
+
+
+def _memory_plan(spec: RunSpec, memory: adapter.TrainingMemory, anchors: dict[str, adapter.Anchor]
+                 ) -> tuple[str, str]:
     """The pre-flight check (:func:`trainer.memory.preflight`), before any work: ``(mode, the
     text that says which mode, why and what the anchor is)``."""
     c = spec.config
-    size = torch.empty((), dtype=memory.anchor_dtype).element_size()
-    # On the CPU the anchor is the model ComfyUI already holds in RAM: not needed again.
-    needs = {m: estimate(m, memory.params, memory.largest, 0 if memory.anchor_resident else size,
-                         c.resolution, c.batch_size, c.gradient_checkpointing, c.precision) for m in ORDER}
+    needs = {}
+    for m in ORDER:
+        anchor_bytes, model_bytes = memory.anchor_bytes(anchors[MODES[m].anchor])
+        needs[m] = estimate(m, memory.params, memory.largest, anchor_bytes, c.resolution, c.batch_size,
+                            c.gradient_checkpointing, c.precision, model_bytes)
     try:
         mode, why = preflight(spec.memory, memory.free, needs, str(memory.device))
     except ConfigError as exc:
         raise NodeInputError("memory", exc.problem, exc.fix) from None
-    return mode, (f"memory: {mode} ({why}); anchor theta0 in {memory.anchor_name} as ComfyUI loaded the model; "
-                  f"{MODES[mode].changes}")
+    anchor = anchors[MODES[mode].anchor]
+    return mode, f"memory: {mode} ({why}); anchor theta0 in {anchor.name} {anchor.why}; {MODES[mode].changes}"
 
 
 class _Training:

@@ -1,0 +1,145 @@
+"""theta0 is the checkpoint's own values where ComfyUI holds the U-Net narrower (fp16 on GPUs).
+
+On a GPU ComfyUI stores SD1.5's U-Net in fp16, so an anchor taken from the loaded model would be
+the fp16-rounded checkpoint.  The faithful modes read theta0 from the file instead.  The CPU
+stand-in for a GPU's storage is ComfyUI's own ``--fp16-unet`` (fp16 weights, fp32 compute by
+manual cast), in-process (``model_options={"dtype": torch.float16}``) and in a real server.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fault_pack.harness import make_server
+from graphs import install_subject, loader, personalize_inputs
+from test_persistence import _pack_module
+from trainer.config import TrainConfig
+from trainer.delta import ParameterDelta
+from trainer.loop import CachedExamples, RegularizedTrainer
+from trainer.memory import configure
+
+FP32 = "anchor_fp32.safetensors"
+
+
+@pytest.fixture(scope="module")
+def fp32_ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with values fp16 cannot hold exactly, as v1-5-pruned-emaonly's."""
+    g = torch.Generator().manual_seed(0)
+    values = {k: (v.float() * (1 + 1e-3 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v)
+              for k, v in load_file(str(tiny_ckpt)).items()}
+    path = tmp_path_factory.mktemp("anchor") / "checkpoints" / FP32
+    path.parent.mkdir()
+    save_file(values, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(fp32_ckpt):
+    """The same file loaded as ComfyUI does on a CPU (fp32) and on a GPU (fp16)."""
+    import comfy.sd
+    import folder_paths
+
+    folder_paths.add_model_folder_path("checkpoints", str(fp32_ckpt.parent))
+    return {dtype: comfy.sd.load_checkpoint_guess_config(str(fp32_ckpt), output_vae=False, output_clip=False,
+                                                         model_options={"dtype": dtype})[0]
+            for dtype in (torch.float32, torch.float16)}
+
+
+def _graph_to_loader() -> dict:
+    """The prompt graph as ComfyUI passes it: our node's model input straight from the loader."""
+    return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": FP32}},
+            "train": {"class_type": "LipschitzPersonalize", "inputs": {"model": ["ckpt", 0]}}}
+
+
+def _train(unet, anchor=None, steps: int = 3) -> torch.Tensor:
+    delta = ParameterDelta(unet, anchor=anchor)
+    g = torch.Generator().manual_seed(5)
+    data = CachedExamples(torch.randn(3, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g))
+    config = configure(TrainConfig(steps=steps, lr=1e-4, lam=500.0, seed=1), "faithful")
+    abar = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)
+    trainer = RegularizedTrainer(lambda x, t, c: unet(x, t.float(), context=c).float(), delta, abar, data, config)
+    with torch.inference_mode(False):
+        for _ in range(steps):
+            trainer.step()
+    return torch.cat([d.detach().reshape(-1) for d in delta.tensors()])
+
+
+def test_an_fp16_held_model_trains_against_the_files_fp32_values(models):
+    adapter = _pack_module("nodes.host.adapter")
+    unet32, unet16 = (models[d].model.diffusion_model for d in (torch.float32, torch.float16))
+    assert next(unet16.parameters()).dtype == torch.float16
+
+    anchor = adapter.choose_anchor(models[torch.float16], unet16, _graph_to_loader(), "train")
+    assert anchor.file is not None and anchor.file.name == FP32 and anchor.dtype == torch.float32, anchor
+    assert anchor.why.startswith(f"from the checkpoint file {FP32}") and "float16" in anchor.why
+    theta0 = adapter.read_anchor(anchor, unet16, torch.device("cpu"))
+    assert all(torch.equal(theta0[n], p) for n, p in unet32.named_parameters()), "theta0 is not the file's values"
+
+    # Training the fp16-held model against the file trains exactly what the fp32 model trains;
+    # against its own fp16 weights it does not.
+    reference = _train(unet32)
+    assert torch.equal(_train(unet16, theta0), reference)
+    rounded = _train(unet16)
+    assert (rounded - reference).norm() > 1e-3 * reference.norm(), "the fp16 anchor made no difference"
+    # The shared base was never written.
+    assert all(p.dtype == torch.float16 for p in unet16.parameters())
+
+
+def test_where_the_model_is_the_files_values_or_unknown_it_is_the_anchor(models, fp32_ckpt):
+    adapter = _pack_module("nodes.host.adapter")
+    m32, m16 = models[torch.float32], models[torch.float16]
+    held = adapter.choose_anchor(m32, m32.model.diffusion_model, _graph_to_loader(), "train")
+    assert held.file is None and held.dtype == torch.float32 and FP32 in held.why  # fp32 holds the file exactly
+    unknown = adapter.choose_anchor(m16, m16.model.diffusion_model, {"train": {"inputs": {"model": ["lora", 0]}},
+                                                                     "lora": {"class_type": "LoraLoader"}}, "train")
+    assert unknown.file is None and unknown.dtype == torch.float16 and "does not come straight" in unknown.why
+    patched = m16.clone()
+    name = next(k for k in patched.model.state_dict() if k.startswith("diffusion_model."))
+    patched.add_patches({name: ("diff", (torch.zeros(patched.model.state_dict()[name].shape),))})
+    lora = adapter.choose_anchor(patched, patched.model.diffusion_model, _graph_to_loader(), "train")
+    assert lora.file is None and "weight patches" in lora.why
+    # Current ComfyUI records the loader call on the patcher (kept by clone): found without a graph.
+    import comfy.sd
+    recorded = m16.clone()
+    recorded.cached_patcher_init = (comfy.sd.load_checkpoint_guess_config, (str(fp32_ckpt), False, False, False))
+    assert adapter.choose_anchor(recorded, recorded.model.diffusion_model).file == fp32_ckpt
+
+
+def test_a_server_holding_the_unet_in_fp16_trains_the_fp32_servers_delta(tmp_path_factory, tiny_ckpt, fp32_ckpt,
+                                                                          comfy_server):
+    """ComfyUI started with --fp16-unet (a GPU's storage, on the CPU) trains the same delta as
+    the fp32 server, and its node says where theta0 came from."""
+    from fault_pack.harness import TextListener
+
+    def run(server) -> tuple[list[str], dict[str, torch.Tensor]]:
+        link = server.checkpoints_dir / FP32
+        if not link.exists():
+            link.symlink_to(fp32_ckpt)
+        install_subject(server.input_dir)
+        graph = loader(ckpt=FP32)
+        graph["train"] = {"class_type": "LipschitzPersonalize",
+                          "inputs": personalize_inputs(steps=3, memory="faithful", delta_dtype="fp32", seed=77)}
+        graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1],
+                                                                         "filename_prefix": "anchor"}}
+        with TextListener(server.client) as listener:
+            result = server.client.run(graph, timeout=600)
+        assert result.status == "success", (result.error, server.log_tail())
+        saved = server.base_dir / "models" / result.outputs["save"]["text"][0]
+        return listener.for_node("train"), load_file(str(saved))
+
+    half = make_server(tmp_path_factory.mktemp("fp16unet") / "comfy", tiny_ckpt)
+    half.extra_args.append("--fp16-unet")
+    with half:
+        texts16, delta16 = run(half)
+    texts32, delta32 = run(comfy_server)
+    plan16 = next(t for t in texts16 if t.startswith("memory: "))
+    plan32 = next(t for t in texts32 if t.startswith("memory: "))
+    assert f"anchor theta0 in float32 from the checkpoint file {FP32} (ComfyUI holds the model in float16)" in plan16
+    assert "anchor theta0 in float32 as ComfyUI loaded the model" in plan32
+    assert delta16.keys() == delta32.keys()
+    for k in delta32:
+        torch.testing.assert_close(delta16[k], delta32[k], rtol=0, atol=1e-7)
+    shutil.rmtree(half.base_dir, ignore_errors=True)
