@@ -7,7 +7,9 @@ from .host import adapter
 from .host.delta_file import TrainedDelta, load_delta_file, save_delta_file
 from .host.errors import NodeInputError
 from .host.folders import FOLDER, delta_dir, delta_files, next_free
+from .host.progress import send_text
 from .host.types import DeltaType
+from .personalize import SAMPLING_TOOLTIP
 
 
 class LipschitzSaveDelta(io.ComfyNode):
@@ -42,13 +44,18 @@ class LipschitzApplyDelta(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Combo.Input("delta_file", options=delta_files()),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+                io.Combo.Input("sampling", options=list(adapter.SAMPLING), default="patch", optional=True,
+                               tooltip=SAMPLING_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, delta_file: str, strength: float) -> io.NodeOutput:
+    def execute(cls, model, delta_file: str, strength: float, sampling: str = "patch") -> io.NodeOutput:
         adapter.require_sd15(model)
+        if sampling not in adapter.SAMPLING:
+            raise NodeInputError("sampling", f"unknown choice {sampling!r}", f"Use one of {', '.join(adapter.SAMPLING)}")
         if delta_file not in delta_files():
             raise NodeInputError("delta_file", f"{delta_file!r} is not a .safetensors file in models/{FOLDER}",
                                  "Pick a file from the list (press R to refresh it)")
@@ -59,4 +66,7 @@ class LipschitzApplyDelta(io.ComfyNode):
         if trained_on and trained_on != adapter.fingerprint(adapter.load_for_reading(model)):
             raise NodeInputError("model", f"{delta_file} was trained on a different base model ({trained_on})",
                                  "Connect the checkpoint it was trained on, or load it with LoraLoaderModelOnly to apply it anyway")
-        return io.NodeOutput(adapter.patched_model(model, delta.tensors, strength))
+        note = adapter.sampling_note(model, delta.tensors, strength, sampling)
+        if note:
+            send_text(cls.hidden.unique_id or "0", note)
+        return io.NodeOutput(adapter.patched_model(model, delta.tensors, strength, sampling))

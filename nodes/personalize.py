@@ -9,8 +9,14 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .host.run import (DEFAULT_DELTA_DTYPE, DEFAULTS, DELTA_DTYPES, MEMORY_CHOICES, MODES, PRECISIONS, REGULARIZERS,
-                       RunSpec, TrainConfig, personalize)
+                       SAMPLING, RunSpec, TrainConfig, personalize)
 from .host.types import DeltaType, TrainingLogType
+
+
+SAMPLING_TOOLTIP = ("How the MODEL output carries the delta. patch: ComfyUI's own weight patch (as a LoRA; "
+                    "on GPUs it is rounded into the fp16 weights, and the node says how much of the delta that "
+                    "loses when it is over 1%). exact: added after each weight is cast, computing the U-Net in "
+                    "fp32: every value reaches the sampler, sampling is slower on GPUs.")
 
 
 class LipschitzPersonalize(io.ComfyNode):
@@ -57,6 +63,8 @@ class LipschitzPersonalize(io.ComfyNode):
                 io.Image.Input("class_images", optional=True, tooltip="DreamBooth prior preservation: class photos"),
                 io.String.Input("class_prompt", default="", optional=True, tooltip='e.g. "a photo of a dog"'),
                 io.Float.Input("prior_weight", default=DEFAULTS.prior_weight, min=0.0, max=1000.0, step=0.1, optional=True),
+                io.Combo.Input("sampling", options=list(SAMPLING), default="patch", optional=True,
+                               tooltip=SAMPLING_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -71,10 +79,11 @@ class LipschitzPersonalize(io.ComfyNode):
                 regularizer=DEFAULTS.regularizer, precision=DEFAULTS.precision,
                 gradient_checkpointing=DEFAULTS.gradient_checkpointing, batch_size=DEFAULTS.batch_size,
                 resolution=DEFAULTS.resolution, resume=False, class_images=None, class_prompt="",
-                prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE, memory="auto") -> io.NodeOutput:
+                prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE, memory="auto",
+                sampling="patch") -> io.NodeOutput:
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer, seed=seed,
                              batch_size=batch_size, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                              prior_weight=prior_weight, precision=precision)
         spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory,
-                       cls.hidden.prompt)
+                       cls.hidden.prompt, sampling)
         return io.NodeOutput(*personalize(spec, cls.hidden.unique_id or "0"))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fault_pack.harness import make_server
-from graphs import install_subject, loader, personalize_inputs
+from graphs import install_subject, loader, personalize_inputs, sample
 from test_persistence import _pack_module
 from trainer.config import TrainConfig
 from trainer.delta import ParameterDelta
@@ -54,17 +54,21 @@ def _graph_to_loader() -> dict:
             "train": {"class_type": "LipschitzPersonalize", "inputs": {"model": ["ckpt", 0]}}}
 
 
-def _train(unet, anchor=None, steps: int = 3) -> torch.Tensor:
+def _train(unet, anchor=None, steps: int = 3, lr: float = 1e-4) -> torch.Tensor:
+    return torch.cat([d.reshape(-1) for d in _train_delta(unet, anchor, steps, lr).values()])
+
+
+def _train_delta(unet, anchor=None, steps: int = 3, lr: float = 1e-4) -> dict[str, torch.Tensor]:
     delta = ParameterDelta(unet, anchor=anchor)
     g = torch.Generator().manual_seed(5)
     data = CachedExamples(torch.randn(3, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g))
-    config = configure(TrainConfig(steps=steps, lr=1e-4, lam=500.0, seed=1), "faithful")
+    config = configure(TrainConfig(steps=steps, lr=lr, lam=500.0, seed=1), "faithful")
     abar = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)
     trainer = RegularizedTrainer(lambda x, t, c: unet(x, t.float(), context=c).float(), delta, abar, data, config)
     with torch.inference_mode(False):
         for _ in range(steps):
             trainer.step()
-    return torch.cat([d.detach().reshape(-1) for d in delta.tensors()])
+    return delta.state_dict()
 
 
 def test_an_fp16_held_model_trains_against_the_files_fp32_values(models):
@@ -108,33 +112,93 @@ def test_where_the_model_is_the_files_values_or_unknown_it_is_the_anchor(models,
     assert adapter.choose_anchor(recorded, recorded.model.diffusion_model).file == fp32_ckpt
 
 
+def _applied(model, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the sampler's layers compute with, minus the base: loads ``model`` as sampling
+    does and asks each layer for its weight and bias the way ComfyUI's ops cast them."""
+    import comfy.model_management
+    import comfy.ops
+
+    comfy.model_management.load_models_gpu([model])
+    out = {}
+    for name, m in model.model.diffusion_model.named_modules():
+        if not hasattr(m, "comfy_cast_weights"):
+            continue
+        if m.comfy_cast_weights:
+            weight, bias = comfy.ops.cast_bias_weight(m, torch.zeros(1, dtype=torch.float32), offloadable=False)
+        else:
+            weight, bias = m.weight, m.bias
+        for attr, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                out[f"{name}.{attr}"] = t.detach().float() - base[f"{name}.{attr}"].float()
+    comfy.model_management.unload_all_models()
+    return out
+
+
+def _rel(applied: dict, delta: dict) -> float:
+    err = sum(float((applied[k] - delta[k]).square().sum()) for k in delta)
+    return (err / sum(float(d.square().sum()) for d in delta.values())) ** 0.5
+
+
+def test_the_exact_sampling_path_keeps_the_delta_the_fp16_patch_rounds_away(models):
+    """Where ComfyUI stores the U-Net in fp16 its diff patch rounds base + delta to fp16; the
+    node measures that loss and says so, and ``sampling=exact`` keeps every value."""
+    adapter = _pack_module("nodes.host.adapter")
+    m16 = models[torch.float16]
+    unet16 = m16.model.diffusion_model
+    base = {n: p.detach().clone() for n, p in unet16.named_parameters()}
+    # A real delta: 20 steps of the paper's learning rate against the file's values.
+    theta0 = adapter.read_anchor(adapter.choose_anchor(m16, unet16, _graph_to_loader(), "train"), unet16,
+                                 torch.device("cpu"))
+    delta = _train_delta(unet16, theta0, steps=20, lr=2e-6)
+
+    patched = _rel(_applied(adapter.patched_model(m16, delta), base), delta)
+    estimate = adapter.patch_loss(unet16, delta, torch.float16)
+    assert patched > 0.01, f"the fp16 patch kept the delta to {patched:.2%}: nothing to show"
+    assert abs(estimate - patched) < 0.05 * patched, (estimate, patched)  # the node's sampled figure
+    note = adapter.sampling_note(m16, delta, 1.0, "patch")
+    assert note and f"loses {estimate:.1%}" in note and "sampling=exact" in note, note
+
+    exact = _rel(_applied(adapter.patched_model(m16, delta, sampling="exact"), base), delta)
+    # What is left is fp32's rounding of base + delta (the delta is 1e-3 of the weights).
+    assert exact < 1e-3 and exact < patched / 100, (exact, patched)
+    print(f"\n[sampling] 20 steps at lr 2e-6 on the fp16-held test model: the diff patch loses {patched:.2%} "
+          f"(node's sampled estimate {estimate:.2%}), exact {exact:.1e}")
+    assert adapter.sampling_note(m16, delta, 1.0, "exact") is None
+    # Neither path wrote the shared base.
+    assert all(torch.equal(p, base[n]) for n, p in unet16.named_parameters())
+
+
 def test_a_server_holding_the_unet_in_fp16_trains_the_fp32_servers_delta(tmp_path_factory, tiny_ckpt, fp32_ckpt,
                                                                           comfy_server):
     """ComfyUI started with --fp16-unet (a GPU's storage, on the CPU) trains the same delta as
-    the fp32 server, and its node says where theta0 came from."""
+    the fp32 server, and its node says where theta0 came from; its MODEL samples with
+    ``sampling=exact`` (ComfyUI loading the weight wrappers and computing in fp32)."""
     from fault_pack.harness import TextListener
 
-    def run(server) -> tuple[list[str], dict[str, torch.Tensor]]:
+    def run(server, sampling: str) -> tuple[list[str], dict[str, torch.Tensor]]:
         link = server.checkpoints_dir / FP32
         if not link.exists():
             link.symlink_to(fp32_ckpt)
         install_subject(server.input_dir)
         graph = loader(ckpt=FP32)
         graph["train"] = {"class_type": "LipschitzPersonalize",
-                          "inputs": personalize_inputs(steps=3, memory="faithful", delta_dtype="fp32", seed=77)}
+                          "inputs": personalize_inputs(steps=3, memory="faithful", delta_dtype="fp32", seed=77,
+                                                       sampling=sampling)}
+        sample(graph, ["train", 0], "anchor")
         graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1],
                                                                          "filename_prefix": "anchor"}}
         with TextListener(server.client) as listener:
             result = server.client.run(graph, timeout=600)
         assert result.status == "success", (result.error, server.log_tail())
+        assert server.client.output_images(result, server.output_dir), "nothing sampled"
         saved = server.base_dir / "models" / result.outputs["save"]["text"][0]
         return listener.for_node("train"), load_file(str(saved))
 
     half = make_server(tmp_path_factory.mktemp("fp16unet") / "comfy", tiny_ckpt)
     half.extra_args.append("--fp16-unet")
     with half:
-        texts16, delta16 = run(half)
-    texts32, delta32 = run(comfy_server)
+        texts16, delta16 = run(half, "exact")
+    texts32, delta32 = run(comfy_server, "patch")
     plan16 = next(t for t in texts16 if t.startswith("memory: "))
     plan32 = next(t for t in texts32 if t.startswith("memory: "))
     assert f"anchor theta0 in float32 from the checkpoint file {FP32} (ComfyUI holds the model in float16)" in plan16

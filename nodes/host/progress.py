@@ -24,6 +24,13 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def send_text(node_id: str, message: str) -> None:
+    """Show ``message`` under the node (ComfyUI's progress text)."""
+    server = PromptServer.instance
+    if server is not None:
+        server.send_progress_text(message, str(node_id))
+
+
 class NodeProgress:
     """Reports one node's training: one websocket event and one bar update per step."""
 
@@ -37,9 +44,7 @@ class NodeProgress:
                                    "state": "running", "events": deque(maxlen=HISTORY)}
 
     def text(self, message: str) -> None:
-        server = PromptServer.instance
-        if server is not None:
-            server.send_progress_text(message, self.node_id)
+        send_text(self.node_id, message)
 
     def step(self, metrics: Any) -> None:
         """Send one step's :class:`trainer.metrics.StepMetrics` (its fields, plus the node and

@@ -34,8 +34,9 @@ from .folders import auto_path, evict_auto, gb, mark_used, partial_path
 from .images import resize_batch
 from .progress import NodeProgress
 
+SAMPLING = adapter.SAMPLING
 __all__ = ["DEFAULTS", "DEFAULT_DELTA_DTYPE", "DELTA_DTYPES", "MEMORY_CHOICES", "MODES", "PRECISIONS", "REGULARIZERS",
-           "RunSpec", "TrainConfig", "personalize"]
+           "RunSpec", "SAMPLING", "TrainConfig", "personalize"]
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,6 +63,7 @@ class RunSpec:
     memory: str = "auto"
     graph: dict | None = None
     """The prompt graph (ComfyUI's hidden PROMPT): where the model input was loaded from."""
+    sampling: str = "patch"
 
     def validate(self) -> None:
         """Every input, before any work; the error names the node input and the fix."""
@@ -76,6 +78,8 @@ class RunSpec:
         if self.delta_dtype not in DELTA_DTYPES:
             raise NodeInputError("delta_dtype", f"unknown dtype {self.delta_dtype!r}",
                                  f"Use one of {', '.join(DELTA_DTYPES)} (fp16 halves the file of fp32)")
+        if self.sampling not in adapter.SAMPLING:
+            raise NodeInputError("sampling", f"unknown choice {self.sampling!r}", f"Use one of {', '.join(adapter.SAMPLING)}")
         if self.class_images is not None and not (self.class_prompt and self.class_prompt.strip()):
             raise NodeInputError("class_prompt", "class images are connected but the class prompt is empty",
                                  'Write the class prompt, e.g. "a photo of a dog"')
@@ -134,7 +138,11 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
             if spec.resume:
                 training.resume()
         delta, training_log = training.run()
-    return adapter.patched_model(spec.model, delta.tensors), delta, training_log
+    note = adapter.sampling_note(spec.model, delta.tensors, 1.0, spec.sampling)
+    if note:
+        progress.text(note)
+        log.warning("LipschitzPersonalize: %s", note)
+    return adapter.patched_model(spec.model, delta.tensors, sampling=spec.sampling), delta, training_log
 
 
 def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta, TrainingLog | None] | None:
