@@ -1,8 +1,9 @@
 """Adam with compact state: the memory modes' optimizer (``12gb``, ``8gb``; :mod:`trainer.memory`).
 
 Adam's update is computed in fp32 one tensor at a time (with ``step_in_backward`` each tensor as
-its gradient completes), so the only fp32 temporaries are a few copies of one tensor; what
-stays resident between steps is stored compactly:
+its gradient completes) and within a tensor :data:`CHUNK` values at a time, so the fp32
+temporaries are a few copies of one chunk (16 MB each), not of SD1.5's largest tensor (118 MB
+each, about a dozen of them); what stays resident between steps is stored compactly:
 
 * ``moments="bf16"``: ``exp_avg`` and ``exp_avg_sq`` in bfloat16 (half of fp32);
 * ``moments="fp8"``: both in float8 e4m3 with one fp32 scale per block of :data:`BLOCK` values
@@ -38,6 +39,8 @@ from torch import Tensor
 Moments = Literal["fp32", "bf16", "fp8"]
 MOMENTS: tuple[str, ...] = ("fp32", "bf16", "fp8")
 BLOCK = 256
+CHUNK = 1 << 22
+"""Values per slice of the update (a multiple of :data:`BLOCK`)."""
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 RATIO_LIMIT = 8.0
@@ -61,7 +64,8 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) 
 
 
 class _Codec:
-    """How one moment is stored between steps; ``decode`` gives fp32, ``encode`` stores it."""
+    """How one moment is stored between steps, flat: ``decode`` gives values ``[start, end)`` in
+    fp32, ``encode`` stores them."""
 
     def __init__(self, moments: str) -> None:
         if moments not in MOMENTS:
@@ -69,38 +73,42 @@ class _Codec:
         self.moments = moments
 
     def zeros(self, like: Tensor) -> dict[str, Tensor]:
-        if self.moments == "fp32":
-            return {"value": torch.zeros_like(like, dtype=torch.float32)}
-        if self.moments == "bf16":
-            return {"value": torch.zeros_like(like, dtype=torch.bfloat16)}
+        if self.moments in ("fp32", "bf16"):
+            dtype = torch.float32 if self.moments == "fp32" else torch.bfloat16
+            return {"value": torch.zeros(like.numel(), dtype=dtype, device=like.device)}
         blocks = -(-like.numel() // BLOCK)
         return {"value": torch.zeros(blocks * BLOCK, dtype=FP8, device=like.device),
                 "scale": torch.zeros(blocks, 1, dtype=torch.float32, device=like.device)}
 
-    def decode(self, stored: dict[str, Tensor], shape: torch.Size, root: bool) -> Tensor:
-        """The fp32 moment (the stored fp32 tensor itself, updated in place, for ``fp32``)."""
+    def decode(self, stored: dict[str, Tensor], start: int, end: int, root: bool) -> Tensor:
+        """The fp32 values (for ``fp32`` the stored slice itself, updated in place)."""
         value = stored["value"]
         if self.moments == "fp32":
-            return value
+            return value[start:end]
         if self.moments == "bf16":
-            return value.float()
-        x = (value.view(-1, BLOCK).float() * stored["scale"]).view(-1)[: math.prod(shape)].view(shape)
+            return value[start:end].float()
+        first, last = start // BLOCK, -(-end // BLOCK)
+        x = (value[first * BLOCK: last * BLOCK].view(-1, BLOCK).float() * stored["scale"][first:last]).view(-1)
+        x = x[: end - start]
         return x.square_() if root else x
 
-    def encode(self, stored: dict[str, Tensor], x: Tensor, root: bool, generator: torch.Generator) -> None:
+    def encode(self, stored: dict[str, Tensor], start: int, end: int, x: Tensor, root: bool,
+               generator: torch.Generator) -> None:
+        value = stored["value"]
         if self.moments == "fp32":
-            if x is not stored["value"]:  # after decode the update already happened in place
-                stored["value"].copy_(x)
+            if x.data_ptr() != value[start:end].data_ptr():  # after decode the update happened in place
+                value[start:end].copy_(x)
             return
         if self.moments == "bf16":
-            stored["value"].copy_(stochastic_round(x, torch.bfloat16, generator))
+            value[start:end].copy_(stochastic_round(x, torch.bfloat16, generator))
             return
-        flat = (x.sqrt() if root else x).reshape(-1)
-        padded = torch.nn.functional.pad(flat, (0, stored["value"].numel() - flat.numel())).view(-1, BLOCK)
+        first, last = start // BLOCK, -(-end // BLOCK)
+        flat = x.sqrt() if root else x
+        padded = torch.nn.functional.pad(flat, (0, (last - first) * BLOCK - flat.numel())).view(-1, BLOCK)
         scale = padded.abs().amax(dim=1, keepdim=True).div_(FP8_MAX)
         scaled = padded / torch.where(scale > 0, scale, torch.ones_like(scale))
-        stored["value"].copy_(stochastic_round(scaled, FP8, generator).view(-1))
-        stored["scale"].copy_(scale)
+        value[first * BLOCK: last * BLOCK].copy_(stochastic_round(scaled, FP8, generator).view(-1))
+        stored["scale"][first:last].copy_(scale)
 
 
 class CompactAdam(torch.optim.Optimizer):
@@ -141,16 +149,28 @@ class CompactAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = self.codec.zeros(p)
         state["step"] += 1
         step = int(state["step"].item())
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         gen = self._generator(p.device, step, index)
 
+        # Flat views of the parameter and gradient, sliced into chunks (a copy, written back,
+        # for a layout that cannot be viewed flat).
+        flat_p = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+        flat_g = p.grad.reshape(-1)
+        for start in range(0, p.numel(), CHUNK):
+            end = min(start + CHUNK, p.numel())
+            self._update_chunk(flat_p[start:end], flat_g[start:end], state, start, end, step, group, gen)
+        if flat_p.data_ptr() != p.data_ptr():
+            p.copy_(flat_p.view(p.shape))
+
+    def _update_chunk(self, p: Tensor, grad: Tensor, state: dict[str, Any], start: int, end: int, step: int,
+                      group: dict[str, Any], gen: torch.Generator) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         x = p if p.dtype == torch.float32 else p.float()
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        grad = grad if grad.dtype == torch.float32 else grad.float()
         if wd != 0:
             grad = grad.add(x, alpha=wd)
-        exp_avg = self.codec.decode(state["exp_avg"], p.shape, root=False)
-        exp_avg_sq = self.codec.decode(state["exp_avg_sq"], p.shape, root=True)
+        exp_avg = self.codec.decode(state["exp_avg"], start, end, root=False)
+        exp_avg_sq = self.codec.decode(state["exp_avg_sq"], start, end, root=True)
         # torch.optim.adam._single_tensor_adam's arithmetic, in the same order.
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -164,18 +184,18 @@ class CompactAdam(torch.optim.Optimizer):
             x.addcdiv_(exp_avg, denom, value=-step_size)
         if x is not p:
             p.copy_(stochastic_round(x, p.dtype, gen))
-        self.codec.encode(state["exp_avg"], exp_avg, root=False, generator=gen)
-        self.codec.encode(state["exp_avg_sq"], exp_avg_sq, root=True, generator=gen)
+        self.codec.encode(state["exp_avg"], start, end, exp_avg, root=False, generator=gen)
+        self.codec.encode(state["exp_avg_sq"], start, end, exp_avg_sq, root=True, generator=gen)
 
     # -- resume: torch Adam's layout, moments decoded to fp32 --------------------------------
     def state_dict(self) -> dict[str, Any]:
         own = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         for i, s in own["state"].items():
-            shape = params[i].shape
+            p = params[i]
             own["state"][i] = {"step": s["step"].clone(),
-                               "exp_avg": self.codec.decode(s["exp_avg"], shape, root=False).clone(),
-                               "exp_avg_sq": self.codec.decode(s["exp_avg_sq"], shape, root=True).clone()}
+                               **{key: self.codec.decode(s[key], 0, p.numel(), root=root).clone().view(p.shape)
+                                  for key, root in (("exp_avg", False), ("exp_avg_sq", True))}}
         return own
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -189,6 +209,7 @@ class CompactAdam(torch.optim.Optimizer):
             entry = {"step": torch.tensor(float(step))}
             for key, root in (("exp_avg", False), ("exp_avg_sq", True)):
                 stored = self.codec.zeros(p)
-                self.codec.encode(stored, s[key].to(p.device, torch.float32), root=root, generator=gen)
+                self.codec.encode(stored, 0, p.numel(), s[key].to(p.device, torch.float32).reshape(-1), root=root,
+                                  generator=gen)
                 entry[key] = stored
             self.state[p] = entry

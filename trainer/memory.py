@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from .compact_adam import BLOCK
+from .compact_adam import BLOCK, CHUNK
 from .config import ConfigError, TrainConfig
 
 Anchor = Literal["checkpoint", "model"]
@@ -119,8 +119,14 @@ def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution
     moments = {"fp32": 8.0, "bf16": 4.0, "fp8": 2.0 + 8.0 / BLOCK}[c.moments]  # fp8: + one fp32 scale per block
     grads = largest * 4 * 2 if c.step_in_backward else params * delta
     # torch's default multi-tensor Adam holds one parameter-sized temporary; fused and the
-    # per-tensor updates hold a few copies of one tensor.
-    adam_temp = largest * 4 * 6 if c.compact_state or c.step_in_backward or c.adam == "fused" else params * 4
+    # per-tensor updates hold a few copies of one tensor, the compact update about a dozen fp32
+    # copies of one chunk.
+    if c.compact_state:
+        adam_temp = min(largest, CHUNK) * 4 * 12
+    elif c.step_in_backward or c.adam == "fused":
+        adam_temp = largest * 4 * 6
+    else:
+        adam_temp = params * 4
     act = ACTIVATION_PER_PIXEL[precision] * resolution * resolution * batch_size
     if not checkpointing:
         act *= ACTIVATION_NO_CHECKPOINTING
