@@ -171,6 +171,12 @@ BAD = [
      "lower resolution or batch 1"),
     ("memory-named-mode", lambda: _train_graph(resolution=2048, batch_size=64, memory="lean"), "error", "memory",
      "lower resolution or batch 1"),
+    # Current ComfyUI's dynamic VRAM, where no non-dynamic copy can be made (a 0.3.x clone).
+    ("dynamic-vram", lambda: {**_train_graph(), "dyn": {"class_type": "LipschitzTestDynamicVram",
+                                                        "inputs": {"model": ["ckpt", 0]}},
+                              "train": {"class_type": "LipschitzPersonalize", "inputs":
+                                        personalize_inputs(steps=1, model=["dyn", 0])}}, "error", "model",
+     "Restart ComfyUI with --disable-dynamic-vram"),
     ("delta-wrong-keys", lambda: _apply_graph("bad_wrong_keys.safetensors"), "error", "delta_file", "Use a delta trained"),
     ("delta-wrong-shape", lambda: _apply_graph("bad_wrong_shape.safetensors"), "error", "delta_file", "architecture"),
     ("delta-truncated", lambda: _apply_graph("bad_truncated.safetensors"), "error", "delta_file", "Delete the file"),

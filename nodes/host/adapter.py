@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
@@ -80,6 +81,41 @@ def checkpoint_units(unet: nn.Module) -> list[nn.Module]:
     return [layer for block in blocks for layer in block if not any(True for _ in layer.parameters(recurse=False))]
 
 
+def trainable(model) -> tuple[object, str | None]:
+    """The patcher the training loads, and a note for the node: ``model`` itself, or under
+    dynamic VRAM (current ComfyUI's default: weights stay on the CPU and are staged per layer,
+    so a delta on the GPU would meet an anchor on the CPU) a non-dynamic clone, which ComfyUI
+    rebuilds from the model's file.  Refused, before any work, where no such clone can be made."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if not (callable(is_dynamic) and is_dynamic()):
+        return model, None
+    try:
+        clone = model.clone(disable_dynamic=True)
+    except (TypeError, RuntimeError) as exc:  # an older clone() or no recorded loader call
+        clone, why = None, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "the copy is still dynamic"
+    if clone is None or clone.is_dynamic():
+        raise NodeInputError("model", "ComfyUI holds this model with dynamic VRAM (weights staged per layer), which "
+                                      f"training cannot use, and it could not make a non-dynamic copy ({why})",
+                             "Restart ComfyUI with --disable-dynamic-vram, or load the model with CheckpointLoaderSimple")
+    return clone, "dynamic VRAM: training a non-dynamic copy of the model (ComfyUI reloads it from its file)"
+
+
+def sage_note() -> str | None:
+    """SageAttention (``--use-sage-attention``) has no backward pass: the training computes its
+    attention with PyTorch's instead (:attr:`LoadedUNet.transformer_options`); sampling keeps it."""
+    if not comfy.model_management.sage_attention_enabled():
+        return None
+    return ("attention: ComfyUI runs SageAttention (--use-sage-attention), which has no backward pass; "
+            "the training uses PyTorch's attention instead, sampling keeps SageAttention")
+
+
+def _backward_safe_attention(func, *args, **kwargs):
+    """ComfyUI's ``optimized_attention_override``: PyTorch's SDPA in place of ``func``."""
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
 @dataclass
 class LoadedUNet:
     """The U-Net as loaded for training on a clone that carries the compute dtype."""
@@ -89,21 +125,41 @@ class LoadedUNet:
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def transformer_options(self) -> dict:
+        """Per-forward options: with SageAttention on, an attention that has a backward."""
+        return {"optimized_attention_override": _backward_safe_attention} if sage_note() else {}
+
     def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        return self.unet(x_t.to(self.dtype), t.float(), context=cond.to(self.dtype)).float()
+        return self.unet(x_t.to(self.dtype), t.float(), context=cond.to(self.dtype),
+                         transformer_options=self.transformer_options).float()
 
 
 def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
     """Load a clone of ``model`` fully on the torch device, computing in ``dtype``.
 
     The clone shares the base ``nn.Module``: its weights are read, never written (the trainer
-    adds its delta on the fly); only the compute dtype is an object patch of the clone.
+    adds its delta on the fly); only the compute dtype is an object patch of the clone.  A
+    partial load (``--novram``, ``--lowvram``, too little VRAM) leaves weights on the CPU,
+    which the delta on the device cannot be added to: refused (:func:`require_on_device`).
     """
     patcher = model.clone()
     patcher.set_model_compute_dtype(dtype)
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
-    device = patcher.load_device
-    return LoadedUNet(patcher, patcher.model.diffusion_model, torch.device(device), dtype)
+    device = torch.device(patcher.load_device)
+    require_on_device(patcher.model.diffusion_model.named_parameters(), device)
+    return LoadedUNet(patcher, patcher.model.diffusion_model, device, dtype)
+
+
+def require_on_device(tensors, device: torch.device, what: str = "U-Net weights") -> None:
+    """Refuse training where any of ``tensors`` (name, tensor) is not on ``device``."""
+    stray = [(n, t.device) for n, t in tensors if t.device != device]
+    if stray:
+        name, where = stray[0]
+        raise NodeInputError("model", f"{len(stray)} {what} are on {where}, not on the training device {device} "
+                                      f"(e.g. {name}): ComfyUI loaded the model partially",
+                             "Restart ComfyUI without --novram or --lowvram, free VRAM (close other programs), "
+                             "or choose a leaner memory mode")
 
 
 # -- the anchor ---------------------------------------------------------------------------
@@ -193,6 +249,7 @@ def read_anchor(anchor: Anchor, unet: nn.Module, device: torch.device) -> dict[s
                 raise NodeInputError("model", f"{anchor.file.name}: {name} has shape {tuple(t.shape)}, the loaded "
                                               f"model {tuple(p.shape)}", "Load the checkpoint with CheckpointLoaderSimple")
             out[name] = t.to(device, torch.float32)
+    require_on_device(out.items(), device, "anchor tensors")
     return out
 
 

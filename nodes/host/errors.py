@@ -7,4 +7,4 @@ class NodeInputError(ValueError):
 
     def __init__(self, input_name: str, problem: str, fix: str) -> None:
         super().__init__(f"{input_name}: {problem}. {fix}")
-        self.input_name = input_name
+        self.input_name, self.problem, self.fix = input_name, problem, fix

@@ -92,6 +92,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     memory = adapter.training_memory(spec.model)
     anchors = _anchors(spec, node_id)
     mode, plan = _memory_plan(spec, memory, anchors)  # before any work: encoding, loading, delta, Adam state
+    base, dynamic_note = adapter.trainable(spec.model)
     anchor = anchors[MODES[mode].anchor]
     config = configure(spec.config, mode)
     progress = NodeProgress(node_id, config.steps, config.lam)
@@ -109,7 +110,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     if class_images is not None:
         prior = (adapter.encode_images(spec.vae, spec.model, class_images, config.seed + 1),
                  adapter.encode_prompt(spec.clip, spec.class_prompt)[0])
-    loaded = adapter.load_for_training(spec.model, COMPUTE_DTYPES[config.precision])
+    loaded = adapter.load_for_training(base, COMPUTE_DTYPES[config.precision])
     base_id = adapter.fingerprint(loaded.unet)
     key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
                    "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
@@ -129,7 +130,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         progress.finish("loaded")
         training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
     else:
-        progress.text(plan)
+        progress.text("\n".join(n for n in (plan, dynamic_note, adapter.sage_note()) if n))
         with torch.inference_mode(False):
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.

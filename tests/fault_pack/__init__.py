@@ -151,3 +151,24 @@ class LipschitzTestSink(_OutputNode):
 
 
 NODE_CLASS_MAPPINGS["LipschitzTestSink"] = LipschitzTestSink
+
+
+class LipschitzTestDynamicVram:
+    """Its MODEL reports ``is_dynamic()`` like current ComfyUI's ``ModelPatcherDynamic`` (dynamic
+    VRAM, on by default there), on a 0.3.x patcher whose ``clone`` cannot disable it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "testing/lipschitz"
+
+    def run(self, model):
+        dynamic = model.clone()
+        dynamic.is_dynamic = lambda: True
+        return (dynamic,)
+
+
+NODE_CLASS_MAPPINGS["LipschitzTestDynamicVram"] = LipschitzTestDynamicVram
