@@ -17,8 +17,8 @@ venv: $(STAMP)
 # Works for a venv created by hand too: the stamp is missing, so the (idempotent) installs run once.
 $(STAMP): constraints.txt requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -c constraints.txt torch==2.15.0 torchvision==0.29.2
-	$(VPY) -m pip install -r requirements-dev.txt -c constraints.txt
+	$(VPY) -m pip install -q -c constraints.txt torch==2.15.0 torchvision==0.29.2
+	$(VPY) -m pip install -q -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 comfyui: venv
@@ -46,7 +46,7 @@ browser-deps:
 test: venv comfyui tiny-ckpt fullsize-ckpt browser-deps
 	$(VPY) -m pytest -q
 
-demo: venv comfyui tiny-ckpt
+demo: venv comfyui $(TINY_SD15)
 	$(VPY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
 
 # Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure, recorded in
