@@ -17,8 +17,8 @@ venv: $(STAMP)
 # Works for a venv created by hand too: the stamp is missing, so the (idempotent) installs run once.
 $(STAMP): constraints.txt requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q -c constraints.txt torch==2.15.0 torchvision==0.29.2
-	$(VPY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	$(VPY) -m pip install -qq -c constraints.txt torch==2.15.0 torchvision==0.29.2
+	$(VPY) -m pip install -qq -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 comfyui: venv
