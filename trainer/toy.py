@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from .delta import ParameterDelta
 from .config import TrainConfig
 from .loop import RegularizedTrainer
+from .memory import MODES, ORDER, configure
 
 N_BASE = 5
 NEW_CLASS = 5
@@ -285,14 +286,20 @@ def _finetune(
     points: tuple[Tensor, Tensor],
     samples_per_class: int,
     seed: int = DEFAULT_SEED,
+    memory: str | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """One fine-tune from the pre-trained weights; returns its metrics and samples."""
+    """One fine-tune from the pre-trained weights; returns its metrics and samples.
+
+    ``memory``: a memory mode of :mod:`trainer.memory` (its optimizer state and delta, and for
+    the ``12gb``/``8gb`` modes the anchor stored in fp16 as ComfyUI stores SD1.5 on a GPU)."""
     _set_threads(threads)
     start = time.perf_counter()
     model = ToyEpsModel()
     model.load_state_dict(pretrained)
     model.requires_grad_(False)
+    if memory is not None and MODES[memory].anchor == "model":
+        model.half()
     x, labels = points
     new = labels == NEW_CLASS
     data = EpochBatches(x[new], labels[new])
@@ -300,7 +307,6 @@ def _finetune(
     if setting.prior_weight > 0:
         zero = labels == 0
         prior = EpochBatches(x[zero], labels[zero])
-    delta = ParameterDelta(model)
     config = TrainConfig(
         steps=epochs * data.batches_per_epoch,
         lr=LR,
@@ -309,6 +315,9 @@ def _finetune(
         prior_weight=setting.prior_weight if prior is not None else 1.0,
         regularizer=setting.regularizer,
     )
+    if memory is not None:
+        config = configure(config, memory)
+    delta = ParameterDelta(model, dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
     trainer = RegularizedTrainer(model, delta, alphas_cumprod(cosine_betas()), data, config, prior=prior)
     if adam_state is not None:
         # Optimizer.load_state_dict keeps the given tensors when no cast is needed, and Adam
@@ -429,6 +438,7 @@ def run_toy(
     seeds: str | Sequence[int] | None = None,
     compare_sum_sq: Sequence[float] | None = None,
     sum_sq_scale: float | None = None,
+    memory: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Pre-train, fine-tune every setting, evaluate, per seed; write ``toy.json``/``toy.png``.
@@ -438,6 +448,7 @@ def run_toy(
     samples, pre-trains once and fine-tunes every setting from that pre-training.
     ``compare_sum_sq`` adds ``sum_sq`` fine-tunes at ``lambda * sum_sq_scale`` for each of these
     ``mean_sq`` lambdas (> 0); the scale defaults to :func:`matched_sum_sq_scale`.
+    ``memory`` runs the fine-tunes in that memory mode (:mod:`trainer.memory`).
     ``progress`` prints a line to stderr as each task finishes.
 
     Returns the JSON's content: ``per_seed[seed]["settings"]`` maps a setting's name
@@ -480,7 +491,7 @@ def run_toy(
     def finetune_args(seed_: int, state: dict[str, Tensor], adam_state: dict[str, Any]) -> list[tuple]:
         points = make_points(seed_)
         return [(s, finetune_epochs, state, adam_state if continue_optimizer else None, points, samples_per_class,
-                 seed_) for s in finetune_order]
+                 seed_, memory) for s in finetune_order]
 
     previous_threads = torch.get_num_threads()
     # One intra-op thread per process: for a 96-wide MLP on 512 points, more threads only add
@@ -536,6 +547,7 @@ def run_toy(
             "finetune_epochs": finetune_epochs,
             "lambdas": [float(v) for v in lambdas],
             "regularizer": "mean_sq",
+            "memory": memory,
             "dreambooth_prior_weight": DREAMBOOTH_PRIOR_WEIGHT if dreambooth else None,
             "sum_sq_comparison": None if not extra else {
                 "mean_sq_lambdas": [s.nominal_lam for s in extra],
@@ -758,6 +770,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sum-sq-scale", type=_scale_arg, default=None, metavar="X|matched",
                         help="lambda_sum_sq = lambda_mean_sq * X; default 'matched' = tensors / parameters "
                              f"(= 1/{1 / matched_sum_sq_scale():.0f} for the toy)")
+    parser.add_argument("--memory", choices=ORDER, default=None,
+                        help="fine-tune in this memory mode (the node's memory input) instead of the paper's defaults")
     parser.add_argument("--fresh-optimizer", action="store_true",
                         help="start the fine-tunes with a fresh Adam instead of continuing pre-training's")
     args = parser.parse_args(argv)
@@ -776,6 +790,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds=args.seeds if args.seeds is not None else [DEFAULT_SEED if args.seed is None else args.seed],
         compare_sum_sq=compare,
         sum_sq_scale=args.sum_sq_scale,
+        memory=args.memory,
         progress=True,
     )
     print(format_table(report))
