@@ -21,7 +21,7 @@ def test_every_block_is_present_and_filled():
     names = {doc.name: {m.group("name") for m in render_docs.BLOCK.finditer(doc.read_text())}
              for doc in render_docs.DOCS}
     assert names == {"README.md": {"perf-summary", "toy-table", "vram-modes"},
-                     "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-gpu"},
+                     "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-peaks", "perf-gpu"},
                      "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"}}
     for doc in render_docs.DOCS:
         for m in render_docs.BLOCK.finditer(doc.read_text()):

@@ -26,7 +26,6 @@ Exits with status 2 and a message when ``--device cuda`` has no CUDA device.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
@@ -74,11 +73,8 @@ class Bench:
             **overrides: Any) -> dict[str, Any]:
         """Train ``steps`` (+ ``warmup``) steps of ``mode``; time, peak and the final delta."""
         torch = self.torch
-        from bench_models import checkpoint_units, eps_fn, make_data, make_unet, sd_abar
-        from trainer.config import TrainConfig
-        from trainer.delta import ParameterDelta
-        from trainer.loop import RegularizedTrainer
-        from trainer.memory import MODES, configure
+        from bench_models import make_unet, mode_trainer
+        from trainer.memory import MODES
 
         self._reset()
         unet = make_unet(tiny=self.args.tiny, device=self.args.device, init=False)
@@ -86,11 +82,8 @@ class Bench:
         if anchor is None:  # ComfyUI stores SD1.5 in fp16 on a GPU
             anchor = "fp16" if MODES[mode].anchor == "model" and self.cuda else "fp32"
         unet = unet.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[anchor])
-        config = dataclasses.replace(configure(TrainConfig(steps=1000, lr=2e-6, lam=500.0), mode), **overrides)
-        dtype = torch.bfloat16 if config.delta_precision == "bf16" else torch.float32
-        delta = ParameterDelta(unet, dtype=dtype)
-        trainer = RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, self.args.device), config,
-                                     checkpoint=checkpoint_units(unet))
+        trainer = mode_trainer(unet, mode, latent, **overrides)
+        delta = trainer.delta
         sync = torch.cuda.synchronize if self.cuda else (lambda: None)
         for _ in range(warmup):
             trainer.step()

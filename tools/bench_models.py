@@ -49,14 +49,16 @@ def comfy_ready(cpu: bool) -> None:
     use_comfy_in_process(cpu=cpu)
 
 
-def make_unet(tiny: bool, device: str | torch.device = "cpu", seed: int = 0, init: bool = True) -> nn.Module:
-    """ComfyUI's SD1.5 ``UNetModel`` (full or tiny config), fp32, seeded random weights
-    (``init=False``: uninitialized, for a caller that loads weights)."""
+def make_unet(tiny: bool, device: str | torch.device = "cpu", seed: int = 0, init: bool = True,
+              dtype: torch.dtype = torch.float32) -> nn.Module:
+    """ComfyUI's SD1.5 ``UNetModel`` (full or tiny config), seeded random weights stored in
+    ``dtype`` (built in it: no fp32 copy first), ``init=False``: uninitialized, for a caller
+    that loads weights."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     torch.manual_seed(seed)
-    unet = UNetModel(**(SD15_TINY if tiny else SD15_FULL), dtype=torch.float32, device=device,
+    unet = UNetModel(**(SD15_TINY if tiny else SD15_FULL), dtype=dtype, device=device,
                      operations=comfy.ops.disable_weight_init)
     if not init:
         return unet.requires_grad_(False).train()
@@ -114,6 +116,24 @@ def make_trainer(unet: nn.Module, latent: int, *, lam: float = 500.0, checkpoint
     config = TrainConfig(steps=steps, lr=lr, lam=lam, **options)
     return RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, device), config,
                               checkpoint=checkpoint_units(unet) if checkpointing else ())
+
+
+def mode_trainer(unet: nn.Module, mode: str, latent: int, **overrides: Any):
+    """A :class:`trainer.loop.RegularizedTrainer` on ``unet`` (its weights are the anchor, in
+    the dtype the caller stored them) in memory mode ``mode`` of :mod:`trainer.memory`, with
+    gradient checkpointing, lambda 500, lr 2e-6 and ``overrides`` of the mode's options."""
+    import dataclasses
+
+    from trainer.config import TrainConfig
+    from trainer.delta import ParameterDelta
+    from trainer.loop import RegularizedTrainer
+    from trainer.memory import configure
+
+    config = dataclasses.replace(configure(TrainConfig(steps=1000, lr=2e-6, lam=500.0), mode), **overrides)
+    device = next(unet.parameters()).device
+    delta = ParameterDelta(unet, dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
+    return RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, device), config,
+                              checkpoint=checkpoint_units(unet))
 
 
 class ReferenceTrainer:

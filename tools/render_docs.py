@@ -119,8 +119,41 @@ def perf_options() -> str:
     return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(rows) + "\n"
 
 
+# SD1.5's U-Net (v1-5-pruned-emaonly): parameters, and values in its largest tensor.
+SD15_PARAMS, SD15_LARGEST = 859_520_964, 29_491_200
+
+
+def _fullsize_figures() -> dict[str, dict[str, Any]]:
+    return json.loads(FULLSIZE.read_text())["figures"] if FULLSIZE.exists() else {}
+
+
+def perf_peaks() -> str:
+    """The memory modes on the full-size U-Net (CPU): the budget term by term beside the measure."""
+    from trainer.memory import MODES, ORDER, estimate
+
+    figures = _fullsize_figures()
+    lines = ["| mode | anchor | budget at 512 px (GB): anchor + delta + gradients + Adam + activations + other "
+             "| estimate | measured 256 px | measured 384 px | **512 px** (extrapolated) | target | met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
+    for mode in ORDER:
+        anchor = 4 if MODES[mode].anchor == "checkpoint" else 2
+        e = estimate(mode, SD15_PARAMS, SD15_LARGEST, anchor, 512)
+        terms = " + ".join(f"{e.parts[k] / 1e9:.2f}" for k in ("anchor", "delta", "gradients", "adam", "activations",
+                                                               "other"))
+        got = [figures.get(f"peak_gb_{mode}{suffix}") for suffix in ("_256", "_384", "")]
+        rows += [g for g in got if g]
+        cells = ["not measured" if g is None else f"{g['value']:.2f}" for g in got]
+        final = got[2]
+        met = "-" if final is None else ("yes" if final["met"] else "**no**")
+        target = "-" if final is None else f"<= {final['target']:g}"
+        lines.append(f"| `{mode}` | {'fp32 (checkpoint)' if anchor == 4 else 'fp16 (as ComfyUI stores it on GPUs)'} "
+                     f"| {terms} | {e.total / 1e9:.2f} | {cells[0]} | {cells[1]} | {cells[2]} | {target} | {met} |")
+    return "\n".join(lines) + "\n\nMeasured by:\n\n" + (_runs(rows) or "* nothing yet: run `make bench-fullsize`") + "\n"
+
+
 def perf_fullsize() -> str:
-    figures = json.loads(FULLSIZE.read_text())["figures"] if FULLSIZE.exists() else {}
+    figures = {k: v for k, v in _fullsize_figures().items() if not k.startswith("peak_gb_")}
     lines = ["| figure | value | target | met | how |", "| --- | --- | --- | --- | --- |"]
     for name in sorted(figures):
         f = figures[name]
@@ -185,18 +218,23 @@ def vram_modes() -> str:
     from trainer.memory import MODES
 
     current = {mode: f for _, mode, label, f in _gpu_modes() if label == mode}
-    lines = ["| mode | what it changes from the paper | held between steps | peak under a capped allocator "
-             "(smallest card it ran on) | delta vs faithful's (cosine) |", "| --- | --- | --- | --- | --- |"]
+    cpu = _fullsize_figures()
+    lines = ["| mode | what it changes from the paper | held between steps (GPU) | peak under a capped allocator "
+             "(smallest card it ran on) | peak at 512 px on the CPU stand-in (extrapolated) "
+             "| delta vs faithful's (cosine) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, mode in MODES.items():
         f = current.get(name)
+        peak = cpu.get(f"peak_gb_{name}")
+        peak = "not measured" if peak is None else f"{peak['value']:.2f} GB"
         if f is None:
-            lines.append(f"| `{name}` | {mode.changes} | not measured | not measured | not measured |")
+            lines.append(f"| `{name}` | {mode.changes} | not measured | not measured | {peak} | not measured |")
             continue
         capped = _capped(f) + (f" ({f['fits']['value']} GB)" if f["fits"] is not None and _capped(f) != "not measured"
                                else "")
         cosine = "reference" if name == "faithful" else (
             "not measured" if f["cosine"] is None else f"{f['cosine']['value']:.5f} after {f['cosine']['steps']} steps")
-        lines.append(f"| `{name}` | {mode.changes} | {f['peak']['resident_between_steps_gb']:.2f} GB | {capped} | {cosine} |")
+        lines.append(f"| `{name}` | {mode.changes} | {f['peak']['resident_between_steps_gb']:.2f} GB | {capped} "
+                     f"| {peak} | {cosine} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +251,7 @@ def _toy(render_name: str) -> Callable[[], str]:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-gpu": perf_gpu,
+    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
     "vram-modes": vram_modes,
     "toy-table": _toy("markdown_table"),
     "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table")}
