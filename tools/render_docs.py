@@ -159,7 +159,8 @@ def perf_fullsize() -> str:
         f = figures[name]
         met = "-" if "met" not in f else ("yes" if f["met"] else "**no**")
         target = f"<= {f['target']:g} {f['unit']}" if "target" in f else "-"
-        lines.append(f"| `{name}` | {f['value']:.3f} {f['unit']} | {target} | {met} | {f.get('method', '')} |")
+        how = f.get("method", "").replace("|", "\\|")  # a norm's bars would split the cell
+        lines.append(f"| `{name}` | {f['value']:.3f} {f['unit']} | {target} | {met} | {how} |")
     if not figures:
         lines.append("| - | not measured | - | - | run `make bench-fullsize` |")
     return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(list(figures.values())) + "\n"
