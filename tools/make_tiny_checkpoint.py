@@ -195,11 +195,19 @@ def _import_comfy_cpu():
     return comfy
 
 
-def verify(path: Path, sample: bool = False) -> str:
-    """Load with ComfyUI and return the detected model-config class name."""
+def verify(path: Path, sample: bool = False, partial_clip: bool = False) -> str:
+    """Load with ComfyUI and return the detected model-config class name.
+
+    ``partial_clip``: the file holds one text-encoder layer on purpose (the tiny SDXL, only
+    detected, never sampled), so ComfyUI's list of the missing ones is not printed."""
     comfy = _import_comfy_cpu()
     import torch
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+    if partial_clip:
+        logging.disable(logging.WARNING)
+    try:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+    finally:
+        logging.disable(logging.NOTSET)
     cfg_name = type(model.model.model_config).__name__
     print(f"{path}: model_config={cfg_name} model={type(model.model).__name__} "
           f"clip={type(clip.cond_stage_model).__name__ if clip else None} "
@@ -238,7 +246,7 @@ def main(argv=None) -> int:
     path = write_checkpoint(args.out, args.arch)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, arch={args.arch})")
     if not args.no_verify:
-        name = verify(path, sample=args.sample and args.arch == "sd15")
+        name = verify(path, sample=args.sample and args.arch == "sd15", partial_clip=args.arch == "sdxl")
         expected = "SDXL" if args.arch == "sdxl" else "SD15"
         if name != expected:
             raise SystemExit(f"expected ComfyUI to detect {expected}, got {name}")
