@@ -54,8 +54,7 @@ class LipschitzApplyDelta(io.ComfyNode):
     @classmethod
     def execute(cls, model, delta_file: str, strength: float, sampling: str = "patch") -> io.NodeOutput:
         adapter.require_sd15(model)
-        if sampling not in adapter.SAMPLING:
-            raise NodeInputError("sampling", f"unknown choice {sampling!r}", f"Use one of {', '.join(adapter.SAMPLING)}")
+        adapter.require_sampling(sampling)
         if delta_file not in delta_files():
             raise NodeInputError("delta_file", f"{delta_file!r} is not a .safetensors file in models/{FOLDER}",
                                  "Pick a file from the list (press R to refresh it)")

@@ -27,7 +27,7 @@ def _train(mode: str, steps: int = 30, seed: int = 0, **over) -> tuple[Parameter
     config = configure(TrainConfig(steps=max(steps, 1), lr=1e-3, lam=50.0, seed=seed), mode)
     for k, v in over.items():
         setattr(config, k, v)
-    delta = ParameterDelta(model, dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
+    delta = ParameterDelta(model, dtype=config.delta_torch_dtype)
     g = torch.Generator().manual_seed(seed + 1)
     data = CachedExamples(torch.randn(6, 16, generator=g), torch.zeros(1, 1))
     trainer = RegularizedTrainer(lambda x, t, c: model(x), delta, ABAR, data, config)

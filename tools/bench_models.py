@@ -131,7 +131,7 @@ def mode_trainer(unet: nn.Module, mode: str, latent: int, **overrides: Any):
 
     config = dataclasses.replace(configure(TrainConfig(steps=1000, lr=2e-6, lam=500.0), mode), **overrides)
     device = next(unet.parameters()).device
-    delta = ParameterDelta(unet, dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
+    delta = ParameterDelta(unet, dtype=config.delta_torch_dtype)
     return RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, device), config,
                               checkpoint=checkpoint_units(unet))
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+import torch
+
 RegularizerKind = Literal["mean_sq", "sum_sq", "l1"]
 REGULARIZERS: tuple[str, ...] = ("mean_sq", "sum_sq", "l1")
 Precision = Literal["fp32", "bf16"]
@@ -99,6 +101,11 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(name, problem, fix)
 
+
+    @property
+    def delta_torch_dtype(self) -> torch.dtype:
+        """The trained delta's dtype: fp32 (the paper) or bf16 (``delta_precision="bf16"``)."""
+        return torch.bfloat16 if self.delta_precision == "bf16" else torch.float32
 
     @property
     def compact_state(self) -> bool:

@@ -115,7 +115,7 @@ def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution
     ``model_bytes``: the host's own copy of the weights beside an anchor read from the file.
     """
     c = configure(TrainConfig(), mode)
-    delta = 2 if c.delta_precision == "bf16" else 4
+    delta = c.delta_torch_dtype.itemsize
     moments = {"fp32": 8.0, "bf16": 4.0, "fp8": 2.0 + 8.0 / BLOCK}[c.moments]  # fp8: + one fp32 scale per block
     grads = largest * 4 * 2 if c.step_in_backward else params * delta
     # torch's default multi-tensor Adam holds one parameter-sized temporary; fused and the

@@ -317,7 +317,7 @@ def _finetune(
     )
     if memory is not None:
         config = configure(config, memory)
-    delta = ParameterDelta(model, dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32)
+    delta = ParameterDelta(model, dtype=config.delta_torch_dtype)
     trainer = RegularizedTrainer(model, delta, alphas_cumprod(cosine_betas()), data, config, prior=prior)
     if adam_state is not None:
         # Optimizer.load_state_dict keeps the given tensors when no cast is needed, and Adam

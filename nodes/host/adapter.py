@@ -124,11 +124,8 @@ class LoadedUNet:
     unet: nn.Module
     device: torch.device
     dtype: torch.dtype
-
-    @property
-    def transformer_options(self) -> dict:
-        """Per-forward options: with SageAttention on, an attention that has a backward."""
-        return {"optimized_attention_override": _backward_safe_attention} if sage_note() else {}
+    transformer_options: dict
+    """Passed to every forward: with SageAttention on, an attention that has a backward."""
 
     def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.unet(x_t.to(self.dtype), t.float(), context=cond.to(self.dtype),
@@ -148,7 +145,8 @@ def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
     device = torch.device(patcher.load_device)
     require_on_device(patcher.model.diffusion_model.named_parameters(), device)
-    return LoadedUNet(patcher, patcher.model.diffusion_model, device, dtype)
+    options = {"optimized_attention_override": _backward_safe_attention} if sage_note() else {}
+    return LoadedUNet(patcher, patcher.model.diffusion_model, device, dtype, options)
 
 
 def require_on_device(tensors, device: torch.device, what: str = "U-Net weights") -> None:
@@ -323,6 +321,12 @@ SAMPLING = ("patch", "exact")
 and rounded to the model's storage dtype, fp16 on GPUs, as a LoRA is); ``exact``, a weight
 wrapper that adds it after ComfyUI casts each weight to the compute dtype, which this clone
 sets to fp32 (every value of the delta reaches the sampler; slower sampling on GPUs)."""
+
+
+def require_sampling(sampling: str) -> None:
+    """Refuse a ``sampling`` value that is not one of :data:`SAMPLING`."""
+    if sampling not in SAMPLING:
+        raise NodeInputError("sampling", f"unknown choice {sampling!r}", f"Use one of {', '.join(SAMPLING)}")
 
 
 class ExactDelta:

@@ -78,8 +78,7 @@ class RunSpec:
         if self.delta_dtype not in DELTA_DTYPES:
             raise NodeInputError("delta_dtype", f"unknown dtype {self.delta_dtype!r}",
                                  f"Use one of {', '.join(DELTA_DTYPES)} (fp16 halves the file of fp32)")
-        if self.sampling not in adapter.SAMPLING:
-            raise NodeInputError("sampling", f"unknown choice {self.sampling!r}", f"Use one of {', '.join(adapter.SAMPLING)}")
+        adapter.require_sampling(self.sampling)
         if self.class_images is not None and not (self.class_prompt and self.class_prompt.strip()):
             raise NodeInputError("class_prompt", "class images are connected but the class prompt is empty",
                                  'Write the class prompt, e.g. "a photo of a dog"')
@@ -172,7 +171,7 @@ def _trainer(loaded: adapter.LoadedUNet, anchor: adapter.Anchor, latents: Tensor
                   if prior is not None else None)
     checkpoint = adapter.checkpoint_units(loaded.unet) if config.gradient_checkpointing else ()
     delta = ParameterDelta(loaded.unet, device=dev,
-                           dtype=torch.bfloat16 if config.delta_precision == "bf16" else torch.float32,
+                           dtype=config.delta_torch_dtype,
                            anchor=adapter.read_anchor(anchor, loaded.unet, dev))
     return RegularizedTrainer(loaded.eps, delta, adapter.alphas_cumprod(loaded.patcher),
                               data, config, prior=prior_data, checkpoint=checkpoint)
