@@ -173,8 +173,6 @@ def test_a_server_holding_the_unet_in_fp16_trains_the_fp32_servers_delta(tmp_pat
     """ComfyUI started with --fp16-unet (a GPU's storage, on the CPU) trains the same delta as
     the fp32 server, and its node says where theta0 came from; its MODEL samples with
     ``sampling=exact`` (ComfyUI loading the weight wrappers and computing in fp32)."""
-    from fault_pack.harness import TextListener
-
     def run(server, sampling: str) -> tuple[list[str], dict[str, torch.Tensor]]:
         link = server.checkpoints_dir / FP32
         if not link.exists():
@@ -187,12 +185,11 @@ def test_a_server_holding_the_unet_in_fp16_trains_the_fp32_servers_delta(tmp_pat
         sample(graph, ["train", 0], "anchor")
         graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1],
                                                                          "filename_prefix": "anchor"}}
-        with TextListener(server.client) as listener:
-            result = server.client.run(graph, timeout=600)
+        result = server.client.run(graph, timeout=600)
         assert result.status == "success", (result.error, server.log_tail())
         assert server.client.output_images(result, server.output_dir), "nothing sampled"
         saved = server.base_dir / "models" / result.outputs["save"]["text"][0]
-        return listener.for_node("train"), load_file(str(saved))
+        return result.texts_for("train"), load_file(str(saved))
 
     half = make_server(tmp_path_factory.mktemp("fp16unet") / "comfy", tiny_ckpt)
     half.extra_args.append("--fp16-unet")

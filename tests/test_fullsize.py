@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from conftest import _ensure_ckpt
 from fault_pack import TRAIN_THREAD
-from fault_pack.harness import TextListener, check_prompt, file_unet_hash, make_server, rss_bytes, thread_names
+from fault_pack.harness import check_prompt, file_unet_hash, make_server, rss_bytes, thread_names
 from graphs import install_subject, loader, personalize_inputs
 
 FULL = "fullsize_sd15_fp16.safetensors"
@@ -78,10 +78,9 @@ def test_fullsize_sd15_trains_in_a_real_server_within_16gb(tmp_path_factory, ful
                           "inputs": personalize_inputs(steps=2, memory="12gb", learning_rate=1e-4)}
         graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1],
                                                                          "filename_prefix": "fullsize"}}
-        with TextListener(server.client) as listener:
-            result = server.client.run(graph, timeout=1500)
+        result = server.client.run(graph, timeout=1500)
         assert result.status == "success", (result.error, server.log_tail())
-        texts = listener.for_node("train")
+        texts = result.texts_for("train")
         # No "clip missing: ...", "unet missing", "Missing VAE keys", "unexpected" from the loader.
         loader_warnings = [ln for ln in server.log_tail(200_000).splitlines()
                            if re.search(r"(clip|unet) (missing|unexpected)|(Missing|Leftover) VAE keys", ln)]

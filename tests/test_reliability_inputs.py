@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fault_pack.harness import (TextListener, check_prompt, file_unet_hash, make_server, node_errors_text,
+from fault_pack.harness import (check_prompt, file_unet_hash, make_server, node_errors_text,
                                 run_expect_error)
 from graphs import CKPT, DATA, RES, personalize_inputs
 from tools.comfy_server import ComfyServerError
@@ -204,10 +204,9 @@ def test_bad_input_is_refused_before_training(srv, case):
 
 
 def _train_ok(server, graph: dict) -> tuple[object, list[str]]:
-    with TextListener(server.client) as texts:
-        result = server.client.run(graph, timeout=600)
+    result = server.client.run(graph, timeout=600)
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
-    return result, texts.for_node("train")
+    return result, result.texts_for("train")
 
 
 def test_one_image_trains_with_a_warning_and_hostile_save_names_stay_in_the_delta_folder(srv):

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from setup_comfyui import comfyui_root  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui_lipschitz_personalize"
 READY_NODE = "CheckpointLoaderSimple"
+TEXT_EVENT = 3  # protocol.BinaryEventTypes.TEXT: a node's progress text, sent as a binary frame
 
 
 class ComfyServerError(RuntimeError):
@@ -55,10 +57,23 @@ class RunResult:
     error: dict | None = None                      # data of execution_error / _interrupted
     outputs: dict = field(default_factory=dict)    # node_id -> output dict (from history)
     cached_nodes: list = field(default_factory=list)  # from execution_cached
+    texts: list = field(default_factory=list)      # (node id, text) of each progress-text frame
 
     def events(self, type_: str) -> list[dict]:
         """The ``data`` of every message of the given type (custom types included)."""
         return [m.get("data") for m in self.messages if m.get("type") == type_]
+
+    def texts_for(self, node_id: str) -> list[str]:
+        """The progress texts shown under ``node_id`` during the run, in order."""
+        return [text for node, text in self.texts if node == node_id]
+
+
+def progress_text(frame: bytes) -> tuple[str, str] | None:
+    """``(node id, text)`` of a progress-text frame (``send_progress_text``), else None."""
+    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != TEXT_EVENT:
+        return None
+    n = struct.unpack(">I", frame[4:8])[0]
+    return frame[8:8 + n].decode(), frame[8 + n:].decode(errors="replace")
 
 
 class ComfyClient:
@@ -125,13 +140,16 @@ class ComfyClient:
 
         The websocket is opened before the prompt is posted so no message is missed. Stops on
         ``executing`` with ``node is None`` for this prompt id, then reads ``/history``.
-        ``on_message(msg)`` is called for every JSON message (e.g. to interrupt mid-run).
+        ``on_message(msg)`` is called for every JSON message (e.g. to interrupt mid-run). The
+        nodes' progress texts (binary frames, sent to the queuing client only) are collected in
+        ``RunResult.texts``; preview images are skipped.
         """
         import websocket  # websocket-client
 
         client_id = uuid.uuid4().hex
         ws = websocket.create_connection(self.ws_url(client_id), timeout=10)
         messages: list[dict] = []
+        texts: list[tuple[str, str]] = []
         status, error = "success", None
         deadline = time.monotonic() + timeout
         try:
@@ -146,7 +164,10 @@ class ComfyClient:
                     frame = ws.recv()
                 except websocket.WebSocketTimeoutException:
                     continue
-                if isinstance(frame, bytes):  # binary preview images
+                if isinstance(frame, bytes):  # progress text, or a preview image
+                    text = progress_text(frame)
+                    if text is not None:
+                        texts.append(text)
                     continue
                 try:
                     msg = json.loads(frame)
@@ -183,7 +204,8 @@ class ComfyClient:
             if m.get("type") == "execution_cached" and d.get("prompt_id") == prompt_id:
                 cached.extend(d.get("nodes") or [])
         return RunResult(prompt_id=prompt_id, messages=messages, history=history, status=status,
-                         error=error, outputs=history.get("outputs") or {}, cached_nodes=cached)
+                         error=error, outputs=history.get("outputs") or {}, cached_nodes=cached,
+                         texts=texts)
 
     def output_images(self, result: RunResult, output_dir: str | Path | None = None) -> list[Path]:
         """Paths of the images in ``result.outputs`` (type 'output'), under ``output_dir``.

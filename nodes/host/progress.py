@@ -25,10 +25,14 @@ def _format_eta(seconds: float) -> str:
 
 
 def send_text(node_id: str, message: str) -> None:
-    """Show ``message`` under the node (ComfyUI's progress text)."""
+    """Show ``message`` under the node (ComfyUI's progress text), in the browser that queued the
+    prompt only: ComfyUI broadcasts progress text to every connected client unless given one,
+    and a run's text (prompt, losses) is nobody else's business. ``PromptServer.client_id`` is
+    the queuing client's id while its prompt executes (None for a prompt queued without one:
+    then every client gets it, as ComfyUI would)."""
     server = PromptServer.instance
     if server is not None:
-        server.send_progress_text(message, str(node_id))
+        server.send_progress_text(message, str(node_id), server.client_id)
 
 
 class NodeProgress:

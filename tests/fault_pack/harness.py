@@ -1,16 +1,13 @@
 """Helpers of the reliability tests (imported by tests/test_reliability_*.py, not by ComfyUI).
 
 A dedicated ComfyUI server with the fault pack linked in, measurements of the server process
-(training threads, resident memory), the base U-Net hash, and the node text messages that
-ComfyUI sends as binary websocket frames (``ComfyClient.run`` skips those).
+(training threads, resident memory) and the base U-Net hash. (The nodes' progress texts go to
+the queuing client only: ``ComfyClient.run`` collects them, ``RunResult.texts_for``.)
 """
 from __future__ import annotations
 
 import json
-import struct
-import threading
 import time
-import uuid
 from pathlib import Path
 
 from safetensors import safe_open
@@ -21,7 +18,6 @@ from . import TRAIN_THREAD, unet_hash
 
 FAULT_PACK = Path(__file__).resolve().parent
 FAULT_PACK_LINK = "lipschitz_test_fault_pack"
-TEXT_EVENT = 3  # protocol.BinaryEventTypes.TEXT
 UNET_PREFIX = "model.diffusion_model."
 
 
@@ -93,49 +89,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-# -- node text (binary websocket frames) -----------------------------------------------------
-class TextListener:
-    """Collects the ``send_progress_text`` messages the server broadcasts, per node id."""
-
-    def __init__(self, client) -> None:
-        import websocket
-
-        self._ws = websocket.create_connection(client.ws_url(uuid.uuid4().hex), timeout=1)
-        self.texts: list[tuple[str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import websocket
-
-        while not self._stop.is_set():
-            try:
-                frame = self._ws.recv()
-            except websocket.WebSocketTimeoutException:
-                continue
-            except Exception:  # noqa: BLE001 - closed
-                return
-            if isinstance(frame, bytes) and len(frame) >= 8 and struct.unpack(">I", frame[:4])[0] == TEXT_EVENT:
-                n = struct.unpack(">I", frame[4:8])[0]
-                self.texts.append((frame[8:8 + n].decode(), frame[8 + n:].decode(errors="replace")))
-
-    def for_node(self, node_id: str) -> list[str]:
-        return [t for n, t in self.texts if n == node_id]
-
-    def close(self) -> None:
-        time.sleep(0.3)  # frames sent just before the prompt ended
-        self._stop.set()
-        self._ws.close()
-        self._thread.join(5)
-
-    def __enter__(self) -> "TextListener":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def run_expect_error(client, graph: dict, timeout: float = 300) -> tuple[str, str, object]:
