@@ -1,6 +1,8 @@
 """The pack's ComfyUI nodes: thin adapters around :mod:`trainer`."""
 from .delta_nodes import LipschitzApplyDelta, LipschitzSaveDelta
 from .grid import LipschitzLabeledGrid
+from .metrics import (LipschitzDrift, LipschitzEvalModelLoader, LipschitzMetricsTable, LipschitzPromptFidelity,
+                      LipschitzSubjectFidelity)
 from .personalize import LipschitzPersonalize
 from .reference_images import LipschitzLoadReferenceImages
 from .report import LipschitzTrainingReport
@@ -12,4 +14,9 @@ NODES = [
     LipschitzApplyDelta,
     LipschitzTrainingReport,
     LipschitzLabeledGrid,
+    LipschitzEvalModelLoader,
+    LipschitzSubjectFidelity,
+    LipschitzPromptFidelity,
+    LipschitzDrift,
+    LipschitzMetricsTable,
 ]

@@ -78,6 +78,30 @@ def write(out: Path, real_names: bool = False) -> list[Path]:
     return written
 
 
+def ensure(out: Path) -> Path:
+    """``out`` holding the tiny encoders and their real-model names (written once: ``make
+    tiny-encoders`` puts them in ``.comfyui/models/eval``)."""
+    names = ["tiny-clip", "tiny-clip.safetensors", "tiny-dino", *REAL_NAMES.values()]
+    if not all((out / n).exists() for n in names):
+        write(out, real_names=True)
+    return out
+
+
+def stand_in(eval_dir: Path, source: Path) -> list[str]:
+    """Link the tiny encoders from ``source`` into a ComfyUI's ``models/eval`` under the real
+    models' names where those are missing (never over a real model); returns the names linked."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    linked = []
+    targets = {"tiny-clip.safetensors": "tiny-clip.safetensors", **{t: t for t in REAL_NAMES},
+               **{real: tiny for tiny, real in REAL_NAMES.items()}}
+    for name, target in targets.items():
+        link = eval_dir / name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to((source / target).resolve())
+            linked.append(name)
+    return linked
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

@@ -40,6 +40,18 @@ def delta_dir() -> Path:
     return path
 
 
+EVAL_FOLDER = "eval"
+
+
+def eval_dirs() -> list[Path]:
+    """Where evaluation encoders are looked for: ``models/eval`` (registered with ComfyUI, so
+    ``extra_model_paths.yaml`` can add an ``eval:`` entry), then ``models/clip_vision``."""
+    default = Path(folder_paths.models_dir) / EVAL_FOLDER
+    folder_paths.add_model_folder_path(EVAL_FOLDER, str(default), is_default=True)
+    default.mkdir(parents=True, exist_ok=True)
+    return [Path(p) for name in (EVAL_FOLDER, "clip_vision") for p in folder_paths.get_folder_paths(name)]
+
+
 def delta_files() -> list[str]:
     delta_dir()
     return sorted(folder_paths.get_filename_list(FOLDER))

@@ -1,9 +1,11 @@
 """IMAGE batches -> one labelled comparison grid (``LipschitzLabeledGrid``; stock ComfyUI has none).
 
 Each connected batch is one row (``images_1`` on top), its images are the columns.  Row labels
-go in a column on the left, column labels in a header row, an optional title above; black
-text in Pillow's default font on white.  Rows whose images differ in size from the first row
-are resized to the first row's cell size.
+go in a column on the left (with the row's numbers under them when metrics are given), column
+labels in a header row, an optional title above; black text in Pillow's default font on white.
+Rows whose images differ in size from the first row are resized to the first row's cell size.
+
+:func:`render_table` draws the metrics table (``LipschitzMetricsTable``) in the same style.
 """
 from __future__ import annotations
 
@@ -57,11 +59,13 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: list[str],
-              title: str = "") -> torch.Tensor:
+              title: str = "", row_notes: list[list[str]] | None = None) -> torch.Tensor:
     """Rows of IMAGE batches [B, H, W, C] -> one IMAGE [1, H', W', 3].
 
     ``row_labels`` / ``column_labels`` may be empty (no label strip) or must match the
     number of rows / columns (the largest batch); otherwise ValueError names the input.
+    ``row_notes``: lines printed under each row's label (its numbers), one list per row; a row
+    grows taller than its images when they need the room.
     """
     if not rows:
         raise ValueError("images_1: connect at least one IMAGE batch")
@@ -79,18 +83,19 @@ def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: li
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(scratch, "Ag|", font)[1] + 4
 
-    label_w = 0
-    if row_labels:
-        max_label_w = max(140, cell_w // 2)
-        wrapped_rows = [_wrap(scratch, t, font, max_label_w) for t in row_labels]
-        label_w = max(_text_size(scratch, line, font)[0] for lines in wrapped_rows for line in lines) + 2 * PAD
+    max_label_w = max(140, cell_w // 2)
+    wrapped_rows = [_wrap(scratch, t, font, max_label_w) if row_labels else [] for t in row_labels or [""] * n_rows]
+    for lines, more in zip(wrapped_rows, row_notes or []):
+        lines.extend(more)
+    label_w = max((_text_size(scratch, line, font)[0] for lines in wrapped_rows for line in lines), default=-2 * PAD) + 2 * PAD
+    row_h = [max(cell_h, len(lines) * line_h + 2 * PAD if lines else 0) for lines in wrapped_rows]
     wrapped_cols = [_wrap(scratch, t, font, cell_w - 2 * PAD) for t in column_labels]
     header_h = (max(len(lines) for lines in wrapped_cols) * line_h + 2 * PAD) if column_labels else 0
     wrapped_title = _wrap(scratch, title.strip(), font, label_w + n_cols * cell_w - 2 * PAD) if title and title.strip() else []
     title_h = len(wrapped_title) * line_h + 2 * PAD if wrapped_title else 0
 
     width = label_w + n_cols * cell_w
-    height = title_h + header_h + n_rows * cell_h
+    height = title_h + header_h + sum(row_h)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     black = (0, 0, 0)
@@ -105,15 +110,46 @@ def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: li
             draw.text((x0 + (cell_w - w) // 2, title_h + PAD + i * line_h), line, fill=black, font=font)
     top = title_h + header_h
     for r, batch in enumerate(rows):
-        y0 = top + r * cell_h
-        if row_labels:
-            lines = wrapped_rows[r]
-            y = y0 + (cell_h - len(lines) * line_h) // 2
-            for i, line in enumerate(lines):
-                draw.text((PAD, y + i * line_h), line, fill=black, font=font)
+        y0 = top + sum(row_h[:r])
+        lines = wrapped_rows[r]
+        y = y0 + (row_h[r] - len(lines) * line_h) // 2
+        for i, line in enumerate(lines):
+            draw.text((PAD, y + i * line_h), line, fill=black, font=font)
         for c in range(int(batch.shape[0])):
             img = _to_pil(batch[c])
             if img.size != (cell_w, cell_h):
                 img = img.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
             canvas.paste(img, (label_w + c * cell_w, y0))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
+
+
+def render_table(header: list[str], body: list[list[str]], caption: list[str], title: str = "") -> torch.Tensor:
+    """A table of strings -> IMAGE [1, H, W, 3]: the title, a shaded header row, one row per
+    model (numbers right-aligned), the caption lines (which encoder, notes) wrapped below."""
+    font = _font(400)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(scratch, "Ag|", font)[1] + 2 * PAD
+    col_w = [max(_text_size(scratch, row[c], font)[0] for row in [header, *body]) + 3 * PAD for c in range(len(header))]
+    width = max(sum(col_w), 480)
+    title_lines = _wrap(scratch, title.strip(), font, width - 2 * PAD) if title.strip() else []
+    notes = [line for text in caption for line in _wrap(scratch, text, font, width - 2 * PAD)]
+    table_top = len(title_lines) * line_h
+    height = table_top + (len(body) + 1) * line_h + len(notes) * line_h + PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    black, grey = (0, 0, 0), (90, 90, 90)
+    for i, line in enumerate(title_lines):
+        draw.text(((width - _text_size(draw, line, font)[0]) // 2, i * line_h + PAD), line, fill=black, font=font)
+    draw.rectangle((0, table_top, width, table_top + line_h), fill=(225, 225, 225))
+    for r, row in enumerate([header, *body]):
+        y = table_top + r * line_h
+        x = 0
+        for c, text in enumerate(row):
+            tx = x + PAD if c == 0 else x + col_w[c] - PAD - _text_size(draw, text, font)[0]
+            draw.text((tx, y + PAD), text, fill=black, font=font)
+            x += col_w[c]
+        draw.line((0, y + line_h, width, y + line_h), fill=(180, 180, 180))
+    y = table_top + (len(body) + 1) * line_h
+    for i, line in enumerate(notes):
+        draw.text((PAD, y + i * line_h + PAD // 2), line, fill=grey, font=font)
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
