@@ -3,12 +3,17 @@
 // Each LipschitzPersonalize node gets a DOM widget with a canvas that plots, per training step,
 // the denoise loss, L_lip and ||delta|| (one panel each, own y-range), plus a text line with
 // steps/s and the ETA. Data arrive live over the websocket (custom event "lipschitz.progress",
-// sent by nodes/progress.py to the client that queued the prompt). After a browser reload, or a
+// sent by nodes/host/progress.py to the client that queued the prompt). After a browser reload, or a
 // websocket reconnect, the chart refills from the read-only route GET /lipschitz/status.
 //
-// Debug / test hook: window.__lipschitzChart[nodeId] = {points, step, total, state, live}
-// (points: drawn per series; live: websocket events this page received for the node); the
-// widget's root element also carries data-points / data-node.
+// Events and the status route name a node by its execution id: its plain id for a node of the
+// root graph, "<instance id>:...:<node id>" for a node inside subgraph instances. A chart shows
+// the run of one of its node's execution ids, the most recently updated one (a subgraph used
+// twice has one inner node and two execution ids); a root node never shows an inner node's run.
+//
+// Debug / test hook: window.__lipschitzChart[executionId] = {points, step, total, state, live}
+// (points: drawn per series; live: websocket events this page received for that id); the
+// widget's root element also carries data-points / data-node (the execution id drawn).
 // No external libraries: plain canvas 2D.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -24,10 +29,11 @@ const SERIES = [
   { key: "delta_norm", label: "||delta||", color: "#81c784" },
 ];
 
-const runs = new Map(); // node id (string) -> {total, lambda, state, events: [payload...]}
-const live = new Map(); // node id -> number of websocket events received by this page
+const runs = new Map(); // execution id -> {total, lambda, state, seen, events: [payload...]}
+const live = new Map(); // execution id -> number of websocket events received by this page
 const charts = new Set(); // live Chart objects (one per LipschitzPersonalize node on the canvas)
 const debug = (window.__lipschitzChart = window.__lipschitzChart || {});
+let seen = 0; // order of run updates: the chart of a node with several execution ids shows the latest
 
 // ---------------------------------------------------------------------------------------------
 // data
@@ -46,6 +52,7 @@ function onProgress(d) {
     run = { total: d.total, lambda: d.lambda, state: "running", events: [] };
     runs.set(id, run);
   }
+  run.seen = ++seen;
   run.total = d.total;
   run.lambda = d.lambda;
   run.state = d.step >= d.total ? "completed" : "running";
@@ -66,14 +73,14 @@ function mergeRun(id, snap) {
     total: snap.total,
     lambda: snap.lambda,
     state: newer.length ? "running" : snap.state,
+    seen: ++seen,
     events,
   });
 }
 
-async function refill(nodeId) {
-  const query = nodeId === undefined ? "" : "?node=" + encodeURIComponent(String(nodeId));
+async function refill() {
   try {
-    const resp = await api.fetchApi(STATUS_ROUTE + query, { cache: "no-store" });
+    const resp = await api.fetchApi(STATUS_ROUTE, { cache: "no-store" });
     if (!resp.ok) return;
     const data = await resp.json();
     for (const [id, snap] of Object.entries(data || {})) mergeRun(id, snap);
@@ -81,13 +88,48 @@ async function refill(nodeId) {
     console.warn("[lipschitz] could not read " + STATUS_ROUTE, err);
     return;
   }
-  redraw(nodeId === undefined ? undefined : String(nodeId));
+  redraw();
+}
+
+// One status read for all the charts a loaded graph attaches in the same moment.
+let refillPending = null;
+function refillSoon() {
+  refillPending ??= new Promise((resolve) => setTimeout(resolve, 0)).then(() => {
+    refillPending = null;
+    return refill();
+  });
+  return refillPending;
 }
 
 function redraw(id) {
   for (const chart of charts) {
-    if (id === undefined || chart.nodeId === id) chart.schedule();
+    if (id === undefined || chart.executionIds().includes(id)) chart.schedule();
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// execution ids
+
+const graphNodes = (graph) => graph.nodes ?? graph._nodes ?? [];
+
+// The execution ids the server gives `node`: its id in the root graph, or one
+// "<instance>:...:<id>" per subgraph instance (nested ones too) whose subgraph holds it.
+function executionIds(node) {
+  const root = app.graph;
+  const local = String(node.id);
+  if (!root || !node.graph || node.graph === root) return [local];
+  const ids = [];
+  const walk = (graph, prefix, depth) => {
+    if (depth > 32) return; // a subgraph cannot contain itself; bound the walk anyway
+    for (const n of graphNodes(graph)) {
+      if (!n.isSubgraphNode?.() || !n.subgraph) continue;
+      const path = `${prefix}${n.id}:`;
+      if (n.subgraph === node.graph) ids.push(path + local);
+      walk(n.subgraph, path, depth + 1);
+    }
+  };
+  walk(root, "", 0);
+  return ids;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,8 +177,19 @@ class Chart {
     }
   }
 
-  get nodeId() {
-    return String(this.node.id);
+  executionIds() {
+    return executionIds(this.node);
+  }
+
+  // The execution id drawn: the one whose run was updated last (the first one before any run).
+  currentId() {
+    const ids = this.executionIds();
+    let best = ids.length ? ids[0] : null;
+    for (const id of ids) {
+      const run = runs.get(id);
+      if (run && (!runs.get(best) || run.seen > runs.get(best).seen)) best = id;
+    }
+    return best;
   }
 
   schedule() {
@@ -154,8 +207,8 @@ class Chart {
   }
 
   draw() {
-    const id = this.nodeId;
-    const run = runs.get(id);
+    const id = this.currentId();
+    const run = id === null ? undefined : runs.get(id);
     const events = run ? run.events : [];
     const dpr = window.devicePixelRatio || 1;
     // A hidden widget (node off screen) has no layout size: keep drawing into the last size.
@@ -240,7 +293,8 @@ class Chart {
       this.info.textContent = "waiting for training steps";
     }
     this.root.dataset.points = String(drawn);
-    this.root.dataset.node = id;
+    this.root.dataset.node = id ?? "";
+    if (id === null) return; // a subgraph's node with no instance in the graph: it never runs
     debug[id] = { points: drawn, step: e ? e.step : 0, total: run ? run.total : 0,
                   state: run ? run.state : "idle", live: live.get(id) || 0 };
   }
@@ -264,11 +318,9 @@ function attachChart(node) {
   };
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], min[0], 360), Math.max(node.size[1], min[1])]);
-  // node.id is assigned after nodeCreated when a saved graph is configured: read it later.
-  setTimeout(() => {
-    if (node.id !== undefined && node.id !== null && Number(node.id) !== -1) refill(node.id);
-    chart.schedule();
-  }, 0);
+  // node.id (and a subgraph's instances) exist only after nodeCreated when a saved graph is
+  // configured: read the server's runs a moment later.
+  refillSoon().then(() => chart.schedule());
   return chart;
 }
 
@@ -287,7 +339,7 @@ if (!window.__lipschitzChartExtension) {
       if (node.comfyClass === NODE_CLASS || node.type === NODE_CLASS) attachChart(node);
     },
     loadedGraphNode(node) {
-      if (node.comfyClass === NODE_CLASS || node.type === NODE_CLASS) redraw(String(node.id));
+      if (node.comfyClass === NODE_CLASS || node.type === NODE_CLASS) redraw();
     },
   });
 }
