@@ -2,7 +2,9 @@
 
 Every shipped file is converted as it is (not a hand-written twin) with the server's own
 ``/object_info``, shrunk for the tiny checkpoint (few steps, 64 px), run on a real server, and
-every output node must have produced its files.
+every output node must have produced its files; their metrics tables must hold a number in
+every cell.  The evaluation encoders are the tiny random ones (``tools/make_tiny_encoders.py``)
+linked under the real models' names the workflows load.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from PIL import Image
 
 from graphs import CKPT, install_subject
 from tools.comfy_server import PACK_DIR_NAME
+from tools.make_tiny_encoders import ensure, stand_in
 from tools.workflow_convert import (WorkflowConversionError, apply_overrides, convert, output_nodes,
                                     small_run_overrides, widget_inputs, widget_layout)
 
 REPO = Path(__file__).resolve().parent.parent
+EVAL_DIR = REPO / ".comfyui" / "models" / "eval"  # `make tiny-encoders`
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 RES = 64         # training resolution (the node's minimum)
 SAMPLE_RES = 32  # sampling: 4x4 latents, the VAE decode dominates a tiny run
@@ -203,6 +207,7 @@ def test_grid_layout_resizes_rows_and_draws_labels_on_white():
 @pytest.fixture(scope="module")
 def server(comfy_server):
     install_subject(comfy_server.input_dir)
+    stand_in(comfy_server.base_dir / "models" / "eval", ensure(EVAL_DIR))
     return comfy_server
 
 
@@ -256,6 +261,17 @@ def _check_outputs(server, api: dict, object_info: dict, result) -> None:
                 rows = sum(1 for k, v in g.items() if k.startswith("images_") and isinstance(v, list))
                 cols = len(grid.parse_labels(g["column_labels"]))
                 assert size[0] > cols * SAMPLE_RES and size[1] > rows * SAMPLE_RES, (size, rows, cols)
+        if node["class_type"] == "LipschitzMetricsTable":
+            header, body = _table(ui["text"][0])
+            labels = grid.parse_labels(node["inputs"]["row_labels"])
+            assert [r[0] for r in body] == labels, (body, labels)
+            assert all(np.isfinite(float(c)) for r in body for c in r[1:]), body  # every row has every column
+
+
+def _table(text: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the markdown table a Metrics Table node printed."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    return rows[0], rows[2:]
 
 
 def test_workflow_templates_route_lists_the_shipped_files(server):
@@ -285,6 +301,9 @@ def test_shipped_workflow_is_well_formed(path, object_info):
             assert inp["link"] is None or any(l[0] == inp["link"] for l in wf["links"])
     notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
     assert notes and all(w in notes[0] for w in ("sks", "input/dog", "v1-5-pruned-emaonly.safetensors"))
+    for n in wf["nodes"]:
+        if n["type"] == "LipschitzEvalModelLoader":  # the Note says where that model goes
+            assert f"models/eval/{n['widgets_values'][0]}/" in notes[0], n["widgets_values"]
     ckpts = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
     assert ckpts == ["v1-5-pruned-emaonly.safetensors"]
     for n in wf["nodes"]:
@@ -293,10 +312,20 @@ def test_shipped_workflow_is_well_formed(path, object_info):
             assert (api["steps"], api["learning_rate"], api["seed"], api["resolution"]) == (1000, 2e-6, 2025, 512)
 
 
+_RUNS: dict[str, tuple[dict, object]] = {}
+
+
+def _run_shipped(server, object_info, path: Path):
+    """Convert, shrink and run one shipped file (once per module: later tests read the result)."""
+    if path.stem not in _RUNS:
+        api = _small(convert(_load(path), object_info))
+        _RUNS[path.stem] = api, _run_ok(server, api)
+    return _RUNS[path.stem]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_shipped_workflow_runs_on_the_server(server, object_info, path):
-    api = _small(convert(_load(path), object_info))
-    result = _run_ok(server, api)
+    api, result = _run_shipped(server, object_info, path)
     _check_outputs(server, api, object_info, result)
     # Each fine-tune trained (or loaded a finished run from disk) to the end, or was cached.
     for nid, n in api.items():
@@ -330,3 +359,25 @@ def test_export_step_two_reapplies_the_saved_delta(server, object_info):
     trained = np.asarray(Image.open(_image_path(server, second.outputs[previews["preview: trained model"]]["images"][0])), dtype=np.int16)
     reapplied = np.asarray(Image.open(_image_path(server, second.outputs[previews["preview: re-applied delta"]]["images"][0])), dtype=np.int16)
     assert trained.shape == reapplied.shape and np.abs(trained - reapplied).max() <= 2
+
+
+@pytest.mark.parametrize("name, columns", [
+    ("compare_lambda", ["DINO", "CLIP-I", "CLIP-T", "drift cosine", "drift Frechet", "drift KID"]),
+    ("dreambooth_vs_lipschitz", ["DINO", "CLIP-I", "CLIP-T", "drift cosine", "drift Frechet", "drift KID"]),
+    ("drift_check", ["drift cosine", "drift Frechet", "drift KID"]),
+])
+def test_metric_tables_of_the_shipped_workflows(server, object_info, name, columns):
+    """What a user reads: one row per model with the paper's numbers and the encoders named
+    (and flagged as tiny random stand-ins here)."""
+    api, result = _run_shipped(server, object_info, REPO / "workflows" / f"{name}.json")
+    table_id = next(nid for nid, n in api.items() if n["class_type"] == "LipschitzMetricsTable")
+    text = result.outputs[table_id]["text"][0]
+    header, body = _table(text)
+    assert header == ["model", *columns], header
+    trained = [n for n in api.values() if n["class_type"] == "LipschitzPersonalize"]
+    assert len(body) == len(trained)
+    assert "CLIP ViT (hidden 64, patch 8, 32 px)" in text and "tiny random stand-in encoders" in text
+    assert "```csv\n" + ",".join(header) in text
+    for row in body:  # drift is measured against the base model: cosine in [-1, 1], distances >= 0
+        values = dict(zip(header[1:], map(float, row[1:])))
+        assert -1.0 <= values["drift cosine"] <= 1.0 + 1e-6 and values["drift Frechet"] >= 0, row
