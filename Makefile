@@ -6,11 +6,12 @@ STAMP = $(VENV)/.installed
 MODELS = .comfyui/models
 TINY_SD15 = $(MODELS)/tiny_sd15.safetensors
 TINY_SDXL = $(MODELS)/tiny_sdxl.safetensors
+TINY_ENC = $(MODELS)/eval/tiny-clip.safetensors
 FULL_SD15 = $(MODELS)/fullsize_sd15_fp16.safetensors
 
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv comfyui tiny-ckpt fullsize-ckpt browser-deps test demo
+.PHONY: venv comfyui tiny-ckpt tiny-encoders fullsize-ckpt browser-deps test demo
 
 venv: $(STAMP)
 
@@ -25,6 +26,13 @@ comfyui: venv
 	$(VPY) tools/setup_comfyui.py
 
 tiny-ckpt: $(TINY_SD15) $(TINY_SDXL)
+
+# Tiny random CLIP and DINO encoders for the metric nodes (tests, demo), also linked under the
+# names the bundled workflows load (clip-vit-base-patch32, dino-vits16).
+tiny-encoders: $(TINY_ENC)
+
+$(TINY_ENC): | $(STAMP) comfyui
+	$(VPY) tools/make_tiny_encoders.py --out $(MODELS)/eval --names-of-real-models
 
 $(TINY_SD15): | $(STAMP)
 	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sd15
@@ -43,10 +51,10 @@ $(FULL_SD15): | $(STAMP)
 browser-deps:
 	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: venv comfyui tiny-ckpt fullsize-ckpt browser-deps
+test: venv comfyui tiny-ckpt tiny-encoders fullsize-ckpt browser-deps
 	$(VPY) -m pytest -q
 
-demo: venv comfyui $(TINY_SD15)
+demo: venv comfyui $(TINY_SD15) $(TINY_ENC)
 	$(VPY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
 
 # Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure, recorded in
