@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .job import Settings
 
-SMOKE = dict(steps=4, resolution=64, prompts=2, images_per_prompt=2, sample_steps=4, drift_classes=2, drift_images=2)
+SMOKE = dict(steps=8, lr=1e-4, resolution=64, prompts=2, images_per_prompt=2, sample_steps=4, drift_classes=2, drift_images=2)
 SMOKE_SUBJECTS = ("dog", "can")
 
 

@@ -46,6 +46,8 @@ class Settings:
     cfg: float = 7.5
     drift_classes: int = 20
     drift_images: int = 4
+    sample_batch: int = 8
+    """Images sampled at once: a memory knob (each image's noise is its own)."""
     device: str = "auto"
 
     def torch_device(self) -> torch.device:
@@ -123,7 +125,8 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    sample = dict(steps=settings.sample_steps, cfg=settings.cfg, size=settings.resolution)
+    sample = dict(steps=settings.sample_steps, cfg=settings.cfg, size=settings.resolution,
+                  batch=settings.sample_batch)
     prompts, seeds = protocol.expand(bench.prompts(subject, settings.prompts), settings.images_per_prompt)
     generated = model.generate(prompts, seeds, weights=trainer.delta.applied, **sample)
     drift_prompts, drift_seeds = protocol.expand(protocol.drift_prompts(settings.drift_classes), settings.drift_images)
