@@ -9,8 +9,12 @@
   ``models/checkpoints`` (a name containing ``v1-5``, ``sd15`` or ``1.5``), else the tiny
   random-weight stand-in ``.comfyui/models/tiny_sd15.safetensors`` with fewer steps and 64 px
   (its images are noise: it proves the plumbing, not the quality);
-* converts the workflow with ``tools/workflow_convert.py``, prints the training progress, and
-  writes the comparison grid and the training report to ``output/``.
+* scores each model with the evaluation encoders in ComfyUI's ``models/eval`` (CLIP ViT-B/32 as
+  ``clip-vit-base-patch32/``, DINO ViT-S/16 as ``dino-vits16/``), else with the tiny random
+  stand-ins from ``make tiny-encoders`` (their numbers mean nothing, and the table says so);
+* converts the workflow with ``tools/workflow_convert.py``, prints the training progress and the
+  metrics table, and writes the comparison grid, the metrics table and the training report to
+  ``output/``.
 
     python tools/demo.py                      # checkpoint found, or the tiny stand-in
     python tools/demo.py --ckpt ~/models/v1-5-pruned-emaonly.safetensors --steps 400
@@ -32,11 +36,13 @@ sys.path.insert(0, str(TOOLS))
 
 from comfy_server import ComfyServer, ComfyServerError  # noqa: E402
 from setup_comfyui import comfyui_root  # noqa: E402
+from make_tiny_encoders import REAL_NAMES, ensure  # noqa: E402
 from workflow_convert import apply_overrides, convert  # noqa: E402
 
 WORKFLOW = REPO / "workflows" / "compare_lambda.json"
 TINY = REPO / ".comfyui" / "models" / "tiny_sd15.safetensors"
 PHOTOS = REPO / "tests" / "data" / "dog"
+TINY_EVAL = REPO / ".comfyui" / "models" / "eval"
 OUT = REPO / "output"
 SD15_HINTS = ("v1-5", "v1_5", "sd15", "sd_15", "sd-1.5", "1.5")
 CKPT_EXT = (".safetensors", ".ckpt")
@@ -74,6 +80,17 @@ def ensure_tiny() -> Path:
     return TINY
 
 
+def eval_models(eval_dir: Path) -> list[str]:
+    """Link the evaluation encoders the workflow loads: ComfyUI's own (models/eval) where they
+    exist, else the tiny random stand-ins; returns the names that are stand-ins."""
+    real_dir = comfyui_root(fetch=False) / "models" / "eval"
+    stand_ins = ensure(TINY_EVAL)
+    missing = [name for name in REAL_NAMES.values() if not (real_dir / name).exists()]
+    for name in REAL_NAMES.values():
+        link_into(eval_dir, stand_ins / name if name in missing else real_dir / name)
+    return missing
+
+
 def link_into(folder: Path, target: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / target.name
@@ -90,7 +107,7 @@ class Printer:
 
     SHOWN = {"LipschitzPersonalize": "fine-tune", "KSampler": "sample", "LipschitzLabeledGrid": "grid",
              "LipschitzTrainingReport": "report", "SaveImage": "save", "CheckpointLoaderSimple": "load",
-             "LipschitzLoadReferenceImages": "photos"}
+             "LipschitzLoadReferenceImages": "photos", "LipschitzMetricsTable": "table"}
 
     def __init__(self, prompt: dict):
         self.prompt = prompt
@@ -165,6 +182,10 @@ def main(argv=None) -> int:
     use_gpu = not (tiny or args.cpu) and _cuda_available()
     server = ComfyServer(server_dir, cpu=not use_gpu)
     ckpt_name = link_into(server.checkpoints_dir, ckpt)
+    tiny_eval = eval_models(server_dir / "models" / "eval")
+    if tiny_eval:
+        say(f"NOTE: no {' / '.join(tiny_eval)} in ComfyUI's models/eval: the metrics use tiny RANDOM stand-in "
+            f"encoders (numbers meaningless).")
     subject = server.input_dir / "dog"
     subject.mkdir(parents=True, exist_ok=True)
     for f in sorted(PHOTOS.glob("*.jpg")):
@@ -200,6 +221,10 @@ def main(argv=None) -> int:
             put("KSampler", steps=sample_steps)
         if tiny:
             put("LipschitzPersonalize", learning_rate=TINY_LR)
+        if tiny or tiny_eval:
+            put("LipschitzMetricsTable", title=(
+                f"{'tiny random-weight checkpoint, ' if tiny else ''}"
+                f"{'tiny random encoders, ' if tiny_eval else ''}numbers meaningless: the plumbing, not the method"))
         if steps or res or sample_steps:  # the grid's title must not claim the workflow's settings
             put("LipschitzLabeledGrid", title=(
                 f"{'tiny random-weight stand-in (noise), ' if tiny else ''}lambda sweep: "
@@ -222,7 +247,8 @@ def main(argv=None) -> int:
 
         OUT.mkdir(exist_ok=True)
         written = []
-        names = {"LipschitzLabeledGrid": f"{args.workflow.stem}_grid.png", "LipschitzTrainingReport": "training_report.png"}
+        names = {"LipschitzLabeledGrid": f"{args.workflow.stem}_grid.png", "LipschitzTrainingReport": "training_report.png",
+                 "LipschitzMetricsTable": f"{args.workflow.stem}_metrics.png"}
         for nid, node in prompt.items():
             src = node["inputs"].get("images")
             if node["class_type"] != "SaveImage" or not isinstance(src, list):
@@ -234,6 +260,10 @@ def main(argv=None) -> int:
                 dest = OUT / name
                 shutil.copy2(server.output_dir / img.get("subfolder", "") / img["filename"], dest)
                 written.append(dest)
+        for nid, node in prompt.items():
+            if node["class_type"] == "LipschitzMetricsTable":
+                say("metrics table:")
+                say((result.outputs.get(nid) or {}).get("text", ["(none)"])[0].split("```csv")[0].rstrip())
         say(f"done in {time.monotonic() - t_start:.0f}s.")
         for p in written:
             say(f"  wrote {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
