@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, Dinov2Config, Dinov2Model, ViTModel
 
 from tools.make_tiny_encoders import write
 from tools.setup_comfyui import comfyui_root
 from trainer.evaluation import scores
-from trainer.evaluation.encoders import ClipEncoder, DinoEncoder, EncoderError, load_encoder
+from trainer.evaluation.encoders import ClipEncoder, DinoEncoder, EncoderError, _vit_arch, load_encoder
 
 TOKENIZER = comfyui_root() / "comfy" / "sd1_tokenizer"
 
@@ -93,6 +93,28 @@ def test_metric_dino_embedding_is_the_class_token_after_resize_and_centre_crop(e
     with torch.no_grad():
         expected = model(pixel_values=x).last_hidden_state[:, 0]
     assert torch.allclose(enc.embed_images(images), expected, atol=1e-5)
+
+
+def test_metric_dinov2_folder_loads_and_evaluates_at_224_px(tmp_path):
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     patch_size=14, image_size=518)).eval()
+    model.save_pretrained(tmp_path / "tiny-dinov2")
+    enc = load_encoder(tmp_path / "tiny-dinov2")
+    assert isinstance(enc, DinoEncoder) and "DINOv2" in enc.name and (enc.crop, enc.resize) == (224, 256)
+    images = _images(1, 256, 256, seed=5)  # already at the resize size: only the centre crop applies
+    x = images.permute(0, 3, 1, 2)[..., 16:240, 16:240]
+    x = (x - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(pixel_values=x).pooler_output  # DINOv2's pooled output is its class token
+    assert torch.allclose(enc.embed_images(images), expected, atol=1e-5)
+
+
+def test_metric_architecture_names_of_the_released_models():
+    assert _vit_arch("CLIP", 768, 32, 224) == "CLIP ViT-B/32"
+    assert _vit_arch("CLIP", 768, 16, 224) == "CLIP ViT-B/16"
+    assert _vit_arch("CLIP", 1024, 14, 336) == "CLIP ViT-L/14 336 px"
+    assert _vit_arch("DINO", 384, 16, 224) == "DINO ViT-S/16"
 
 
 def test_metric_loader_caches_by_path_and_reloads_a_changed_file(enc_dir, tmp_path):
