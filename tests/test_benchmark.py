@@ -53,6 +53,8 @@ def test_the_protocol_is_read_from_the_benchmark_folder():
     assert prompts == ["a sks dog in the jungle"] * 2 + ["a sks dog in the snow"] * 2 and len(set(seeds)) == 4
     assert protocol.expand(bench.prompts(can, 2), 2)[1] == seeds  # every subject samples from the same noise
     assert protocol.drift_prompts(3) == ["a photo of a tench", "a photo of a hamster", "a photo of a mortar"]
+    with pytest.raises(protocol.ProtocolError, match="--drift-prompts .*: no such file"):
+        protocol.drift_prompts(3, DATA / "drift.txt")
     with pytest.raises(protocol.ProtocolError, match="unknown dgo"):
         protocol.select(bench, ["dog", "dgo"])
 

@@ -29,11 +29,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clip", help="CLIP encoder (folder or .safetensors), e.g. clip-vit-base-patch32")
     ap.add_argument("--dino", help="DINO ViT folder, e.g. dino-vits16")
     ap.add_argument("--tokenizer-dir", help="CLIP tokenizer files when --clip is a single file")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--drift-prompts", help="text file, one drift prompt a line (default: ImageNet class names)")
+    ap.add_argument("--out", required=True, type=Path, help="results folder; run again with it to resume")
     ap.add_argument("--subjects", nargs="*", help="subset of subjects (default: all 30)")
-    ap.add_argument("--lambdas", nargs="+", type=float, default=[500.0])
+    ap.add_argument("--lambdas", nargs="+", type=float, default=[500.0], help="default 500 (the paper)")
     for f in fields(Settings):
-        if f.name not in {"model", "config", "data", "out", "clip", "dino", "tokenizer_dir"}:
+        if f.name not in {"model", "config", "data", "out", "clip", "dino", "tokenizer_dir", "drift_prompts"}:
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
                             help=f"default {f.default}")
     ap.add_argument("--ray", action="store_true", help="run the jobs as Ray tasks (pip install ray)")
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = protocol.read_benchmark(args.data)
         subjects = protocol.select(bench, args.subjects or (list(SMOKE_SUBJECTS) if args.smoke else None))
+        if args.drift_prompts:
+            protocol.drift_prompts(1, args.drift_prompts)  # a bad file: before any work
         settings = settings_from(args)
     except protocol.ProtocolError as exc:
         raise SystemExit(str(exc)) from None

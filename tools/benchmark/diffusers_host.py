@@ -129,7 +129,7 @@ def load_sd15(path: str | Path, *, config: str | Path | None = None,
         raise ModelFilesError(f"--model {path}: no such file or folder. Give a diffusers SD1.5 folder "
                               "(model_index.json, unet/, vae/, ...) or a .safetensors checkpoint with --config")
     device = torch.device(device)
-    _quiet()
+    quiet_hf_logs()
     if path.is_dir():
         parts = _load_folder(path)
     elif path.suffix in CHECKPOINT_SUFFIXES:
@@ -141,7 +141,7 @@ def load_sd15(path: str | Path, *, config: str | Path | None = None,
     return DiffusersSD15(**parts, device=device)
 
 
-def _quiet() -> None:
+def quiet_hf_logs() -> None:
     """No per-load progress bars or advice about optional packages (``accelerate``) in the
     runner's output: its own bars say where it is."""
     import diffusers.utils.logging

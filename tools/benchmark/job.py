@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +46,8 @@ class Settings:
     cfg: float = 7.5
     drift_classes: int = 20
     drift_images: int = 4
+    drift_prompts: str | None = None
+    """A text file of drift prompts, one a line (default: ImageNet class names)."""
     sample_batch: int = 8
     """Images sampled at once: a memory knob (each image's noise is its own)."""
     device: str = "auto"
@@ -129,7 +131,8 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
                   batch=settings.sample_batch)
     prompts, seeds = protocol.expand(bench.prompts(subject, settings.prompts), settings.images_per_prompt)
     generated = model.generate(prompts, seeds, weights=trainer.delta.applied, **sample)
-    drift_prompts, drift_seeds = protocol.expand(protocol.drift_prompts(settings.drift_classes), settings.drift_images)
+    drift_list = protocol.drift_prompts(settings.drift_classes, settings.drift_prompts)
+    drift_prompts, drift_seeds = protocol.expand(drift_list, settings.drift_images)
     base = _cached(("base", settings.model, settings.config, str(device), tuple(drift_prompts), tuple(drift_seeds),
                     *sample.values()), lambda: model.generate(drift_prompts, drift_seeds, **sample))
     personalized = model.generate(drift_prompts, drift_seeds, weights=trainer.delta.applied, **sample)
@@ -153,8 +156,3 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
         "steps": settings.steps, "images": len(prompts), "drift_images": len(drift_prompts), "attempt": attempt,
         "class": subject.class_name, "device": str(device), "clip_encoder": clip.name, "dino_encoder": dino.name,
     }
-
-
-def settings_record(settings: Settings) -> dict[str, Any]:
-    """The settings as stored beside the results (a resumed run must use the same)."""
-    return asdict(settings)

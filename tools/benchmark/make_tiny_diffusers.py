@@ -67,6 +67,9 @@ def write(out: Path, *, vae: dict = VAE, text: dict = TEXT, weights: bool = True
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from .diffusers_host import quiet_hf_logs
+
+    quiet_hf_logs()
     out = Path(out)
     torch.manual_seed(SEED)
     with torch.device("cpu" if weights else "meta"):

@@ -110,9 +110,17 @@ def expand(prompts: list[str], images_per_prompt: int) -> tuple[list[str], list[
     return [p for p, _ in pairs], [s for _, s in pairs]
 
 
-def drift_prompts(count: int) -> list[str]:
-    """Prompts without the token for the drift check: ``count`` ImageNet class names spread
-    evenly over the 1000 classes (torchvision's list; no download)."""
+def drift_prompts(count: int, file: str | Path | None = None) -> list[str]:
+    """Prompts without the token for the drift check: the first ``count`` lines of ``file``, or
+    ``count`` ImageNet class names spread evenly over the 1000 classes (torchvision's list; no
+    download)."""
+    if file is not None:
+        if not Path(file).is_file():
+            raise ProtocolError(f"--drift-prompts {file}: no such file")
+        lines = [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ProtocolError(f"--drift-prompts {file}: no prompt in it (one prompt a line)")
+        return lines[:count]
     from torchvision.models._meta import _IMAGENET_CATEGORIES as names
 
     step = max(1, len(names) // max(count, 1))

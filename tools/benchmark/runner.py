@@ -16,12 +16,13 @@ import json
 import math
 import os
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from .job import Job, Settings, jobs_dir, run_job, settings_record, write_json
+from .job import Job, Settings, jobs_dir, run_job, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ("subject", "lambda", "dino", "clip_i", "clip_t", "drift_fd", "drift_kid", "drift_cos",
@@ -33,7 +34,7 @@ PAPER = {"lambda": 500, "dino": 0.6394, "clip_i": 0.7948, "clip_t": 0.2976}
 """The paper's DreamBooth-benchmark row (SD1.5, lambda 500; drift is reported there as Inception FID)."""
 # What a run may not change for OUT's existing results to stay comparable.
 RESULT_FIELDS = ("model", "config", "data", "clip", "dino", "steps", "lr", "seed", "resolution", "prompts",
-                 "images_per_prompt", "sample_steps", "cfg", "drift_classes", "drift_images")
+                 "images_per_prompt", "sample_steps", "cfg", "drift_classes", "drift_images", "drift_prompts")
 
 Runner = Callable[[Settings, Sequence[Job], Callable[[Job, dict], None], Callable[[Job, str, int], None]], None]
 """``(settings, jobs, on_result, on_failure)``: runs the jobs, reporting each outcome as it comes."""
@@ -58,7 +59,7 @@ def plan(subjects: Sequence[str], lambdas: Sequence[float]) -> list[Job]:
 def check_settings(settings: Settings) -> None:
     """Refuse to mix results of different protocols in one OUT; record the settings otherwise."""
     path = Path(settings.out) / "settings.json"
-    new = settings_record(settings)
+    new = asdict(settings)
     if path.exists():
         old = json.loads(path.read_text())
         changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in RESULT_FIELDS if old.get(k) != new[k]]
