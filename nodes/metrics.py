@@ -36,8 +36,7 @@ class LipschitzEvalModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        encoder = evaluation.load(evaluation_host.model_path(model_name), evaluation_host.tokenizer_dir(),
-                                  evaluation_host.device())
+        encoder = evaluation.load(evaluation_host.model_path(model_name), evaluation_host.tokenizer_dir())
         return io.NodeOutput(encoder, ui={"text": [encoder.name]})
 
 
@@ -61,7 +60,8 @@ class LipschitzSubjectFidelity(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, references, dino=None, clip=None, metrics=None) -> io.NodeOutput:
-        row, text = evaluation.subject_fidelity(images, references, dino, clip, metrics)
+        with evaluation.on_device([dino, clip], evaluation_host.device_for([dino, clip])):
+            row, text = evaluation.subject_fidelity(images, references, dino, clip, metrics)
         return io.NodeOutput(row.values["DINO"] if dino is not None else NAN,
                              row.values["CLIP-I"] if clip is not None else NAN, row, text, ui={"text": [text]})
 
@@ -87,7 +87,8 @@ class LipschitzPromptFidelity(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, clip, prompts: str, token: str, metrics=None) -> io.NodeOutput:
-        row, text = evaluation.prompt_fidelity(images, clip, prompts, token, metrics)
+        with evaluation.on_device([clip], evaluation_host.device_for([clip])):
+            row, text = evaluation.prompt_fidelity(images, clip, prompts, token, metrics)
         return io.NodeOutput(row.values["CLIP-T"], row, text, ui={"text": [text]})
 
 
@@ -113,7 +114,8 @@ class LipschitzDrift(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, base_images, encoder, metrics=None) -> io.NodeOutput:
-        row, text = evaluation.drift(images, base_images, encoder, metrics)
+        with evaluation.on_device([encoder], evaluation_host.device_for([encoder])):
+            row, text = evaluation.drift(images, base_images, encoder, metrics)
         numbers = [row.values.get(k, NAN) for k in ("drift cosine", "drift Frechet", "drift KID", "Inception FID")]
         return io.NodeOutput(*numbers, row, text, ui={"text": [text]})
 

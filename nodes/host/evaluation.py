@@ -7,8 +7,10 @@ table node lays several rows side by side.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -19,8 +21,6 @@ from .errors import NodeInputError
 
 # Column order of every table, and how each number is printed.
 COLUMNS = ("DINO", "CLIP-I", "CLIP-T", "drift cosine", "drift Frechet", "drift KID", "Inception FID")
-HIGHER_IS_BETTER = {"DINO": "subject kept", "CLIP-I": "subject kept", "CLIP-T": "prompt followed",
-                    "drift cosine": "closer to the base"}
 TINY_PREFIX = "tiny-"
 TINY_NOTE = "tiny random stand-in encoders: the numbers mean nothing"
 
@@ -39,11 +39,26 @@ class MetricsRow:
                        notes=self.notes + tuple(n for n in notes if n not in self.notes))
 
 
-def load(path: Path, tokenizer_dir: Path, device: torch.device) -> ClipEncoder | DinoEncoder:
+def load(path: Path, tokenizer_dir: Path) -> ClipEncoder | DinoEncoder:
+    """The encoder, kept on the CPU (see :func:`on_device`)."""
     try:
-        return load_encoder(path, tokenizer_dir=tokenizer_dir, device=device)
+        return load_encoder(path, tokenizer_dir=tokenizer_dir, device="cpu")
     except EncoderError as e:
         raise NodeInputError("model_name", str(e), "Put one of those in models/eval/ and pick it") from e
+
+
+@contextmanager
+def on_device(encoders: list, device: torch.device) -> Iterator[None]:
+    """Lend the connected encoders ``device`` for one node's scoring, then put them back on
+    the CPU: a CLIP ViT-B/32 holds 0.6 GB that training and sampling need more."""
+    used = [e for e in encoders if e is not None]
+    try:
+        for e in used:
+            e.to(device)
+        yield
+    finally:
+        for e in used:
+            e.to("cpu")
 
 
 def _require(encoder, kind: type, input_name: str, what: str):
@@ -74,11 +89,11 @@ def subject_fidelity(images: Tensor, references: Tensor, dino, clip, row: Metric
     images, references = _images(images, "images"), _images(references, "references")
     row = row or MetricsRow()
     lines = []
-    for column, encoder, kind, what in (("DINO", dino, DinoEncoder, "a DINO / DINOv2 model"),
-                                        ("CLIP-I", clip, ClipEncoder, "a full CLIP model")):
+    for column, encoder, kind, input_name, what in (("DINO", dino, DinoEncoder, "dino", "a DINO / DINOv2 model"),
+                                                    ("CLIP-I", clip, ClipEncoder, "clip", "a full CLIP model")):
         if encoder is None:
             continue
-        _require(encoder, kind, column.lower().replace("-i", ""), what)
+        _require(encoder, kind, input_name, what)
         fid = scores.subject_fidelity(encoder.embed_images(images), encoder.embed_images(references))
         row = row.plus({column: fid.mean}, encoder.name, _tiny(encoder))
         lines.append(f"{column} {_fmt(fid.mean)} ({encoder.name}); " + per_image_text("per image", fid.per_image))

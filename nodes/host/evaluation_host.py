@@ -40,5 +40,11 @@ def tokenizer_dir() -> Path:
     return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"  # `comfy` itself is a namespace package
 
 
-def device() -> torch.device:
-    return comfy.model_management.get_torch_device()
+def device_for(encoders: list) -> torch.device:
+    """ComfyUI's compute device, with room made there for the encoders' weights (ComfyUI
+    unloads its own models as it would for a model of that size)."""
+    dev = comfy.model_management.get_torch_device()
+    nbytes = sum(p.numel() * p.element_size() for e in encoders if e is not None for p in e.model.parameters())
+    if dev.type != "cpu":
+        comfy.model_management.free_memory(int(nbytes * 1.5), dev)
+    return dev

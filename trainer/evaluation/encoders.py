@@ -78,6 +78,13 @@ class _Encoder:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
 
+    def to(self, device: str | torch.device) -> "_Encoder":
+        """Move the model (a host keeps it on the CPU between uses and lends it the GPU while
+        scoring, so it holds no VRAM while other models train or sample)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     def embed_images(self, images: Tensor) -> Tensor:
         """``[N, H, W, 3]`` in [0, 1] -> float32 features ``[N, D]`` on the CPU (not normalized)."""
         px = self.pixels(images)
