@@ -171,3 +171,6 @@ def test_a_missing_model_is_a_clear_error_not_a_download(tmp_path, tiny_ckpt):
         load_sd15(tmp_path / "half")
     with pytest.raises(ModelFilesError, match="needs --config"):
         load_sd15(tiny_ckpt)
+    (tmp_path / "v1-5.ckpt").write_bytes(b"")
+    with pytest.raises(ModelFilesError, match="a .ckpt is a pickle"):
+        load_sd15(tmp_path / "v1-5.ckpt", config=tmp_path / "half")

@@ -23,7 +23,7 @@ SMOKE_SUBJECTS = ("dog", "can")
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="diffusers SD1.5 folder, or a .safetensors/.ckpt checkpoint with --config")
+    ap.add_argument("--model", help="diffusers SD1.5 folder, or a .safetensors checkpoint with --config")
     ap.add_argument("--config", help="diffusers SD1.5 folder holding the configs/tokenizer for a single-file --model")
     ap.add_argument("--data", required=True, help="DreamBooth benchmark folder (prompts_and_classes.txt + subjects)")
     ap.add_argument("--clip", help="CLIP encoder (folder or .safetensors), e.g. clip-vit-base-patch32")

@@ -8,7 +8,7 @@ prompt's text embedding, and the layers that gradient checkpointing recomputes.
 
 Everything is read from local files (``local_files_only=True``): a diffusers SD1.5 folder
 (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``), or one checkpoint file (``.safetensors``/``.ckpt``, the original LDM layout)
+``scheduler/``), or one checkpoint file (``.safetensors``, the original LDM layout)
 with such a folder for its configuration.  A missing file is an error naming it, never a
 download.
 """
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors",)
+"""Not ``.ckpt``: a pickle, which this project never loads."""
 MAX_TOKENS = 77
 """SD1.5's text context: CLIP's 77 positions, start and end tokens included."""
 
@@ -135,9 +136,10 @@ def load_sd15(path: str | Path, *, config: str | Path | None = None,
     elif path.suffix in CHECKPOINT_SUFFIXES:
         parts = _load_single_file(path, config)
     else:
-        raise ModelFilesError(f"--model {path}: not a folder nor a {'/'.join(CHECKPOINT_SUFFIXES)} checkpoint")
+        raise ModelFilesError(f"--model {path}: not a folder nor a .safetensors checkpoint (a .ckpt is a pickle, "
+                              "which this project does not load: convert it to .safetensors)")
     for name in ("unet", "vae", "text_encoder"):
-        parts[name] = parts[name].to(device, torch.float32).eval().requires_grad_(False)
+        parts[name] = parts[name].to(device, torch.float32).train(False).requires_grad_(False)
     return DiffusersSD15(**parts, device=device)
 
 
