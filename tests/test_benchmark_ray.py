@@ -1,9 +1,9 @@
 """The benchmark on a local Ray: a worker killed mid-job is retried and the job's row lands.
 
 A real local Ray (one CPU, no dashboard), the tiny models of ``tests/test_benchmark.py``.  The
-job records its worker's pid in ``OUT/jobs/<key>.running`` when it starts; the test kills that
-process (SIGKILL, as the OOM killer or a lost node would) and checks that Ray ran the job again
-and the driver wrote its row.  Ray is shut down afterwards and leaves no process behind.
+job records its worker's pid and training step in ``OUT/jobs/<key>.running``; once it has
+trained a step the test kills that process (SIGKILL, as the OOM killer or a lost node would)
+and checks that Ray ran the job again and the driver wrote its row.  Ray is shut down afterwards and leaves no process behind.
 """
 from __future__ import annotations
 
@@ -43,15 +43,17 @@ def test_a_worker_killed_mid_job_is_retried_and_its_row_lands(settings):
     stop = threading.Event()
 
     def kill_first_worker() -> None:
+        """Once the job has trained a step (its worker records it), kill that worker."""
         while not stop.is_set():
             try:
-                pid = json.loads(running.read_text())["pid"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.05)
-                continue
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
+                record = json.loads(running.read_text())
+            except (OSError, ValueError):
+                record = {}
+            if record.get("step", 0) >= 1:
+                os.kill(record["pid"], signal.SIGKILL)
+                killed.append(record["pid"])
+                return
+            time.sleep(0.02)
 
     started = time.time()
     killer = threading.Thread(target=kill_first_worker, daemon=True)

@@ -93,21 +93,28 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def mark_started(settings: Settings, job: Job) -> int:
-    """Record that this process runs ``job`` (``<key>.running``: pid, host, attempt); returns
-    the attempt number, one more than the last recorded one."""
-    path = jobs_dir(settings.out) / f"{job.key}.running"
-    try:
-        attempt = json.loads(path.read_text())["attempt"] + 1
-    except (OSError, ValueError, KeyError):
-        attempt = 1
-    write_json(path, {"pid": os.getpid(), "host": socket.gethostname(), "attempt": attempt, "started": time.time()})
-    return attempt
+class RunningRecord:
+    """``<key>.running``: which process runs the job (pid, host), which try this is, and its
+    last training step, so an operator (or a test) can see where each job is."""
+
+    def __init__(self, settings: Settings, job: Job) -> None:
+        self.path = jobs_dir(settings.out) / f"{job.key}.running"
+        try:
+            self.attempt = json.loads(self.path.read_text())["attempt"] + 1
+        except (OSError, ValueError, KeyError):
+            self.attempt = 1
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "attempt": self.attempt,
+                       "started": time.time(), "step": 0}
+        write_json(self.path, self.record)
+
+    def step(self, step: int) -> None:
+        self.record["step"] = step
+        write_json(self.path, self.record)
 
 
 def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
     """Train ``job`` and score it: one ``results.csv`` row."""
-    attempt = mark_started(settings, job)
+    running = RunningRecord(settings, job)
     device = settings.torch_device()
     bench = _cached(("data", settings.data), lambda: protocol.read_benchmark(settings.data))
     subject = bench.subjects[job.subject]
@@ -121,7 +128,8 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         trainer = personalize(model, photos, subject.instance_prompt, config,
-                              on_step=lambda m: (bar.set_description(f"{desc} loss {m.loss:.4f}"), bar.update(1)))
+                              on_step=lambda m: (bar.set_description(f"{desc} loss {m.loss:.4f}"), bar.update(1),
+                                                 running.step(m.step)))
     finally:
         bar.close()
     train_seconds = time.perf_counter() - started
@@ -153,6 +161,6 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
         "drift_fd": shift.frechet, "drift_kid": shift.kid, "drift_cos": shift.paired_cosine,
         "drift_fid_inception": "" if fid is None else fid,
         "train_seconds": round(train_seconds, 2), "sample_seconds": round(sample_seconds, 2),
-        "steps": settings.steps, "images": len(prompts), "drift_images": len(drift_prompts), "attempt": attempt,
+        "steps": settings.steps, "images": len(prompts), "drift_images": len(drift_prompts), "attempt": running.attempt,
         "class": subject.class_name, "device": str(device), "clip_encoder": clip.name, "dino_encoder": dino.name,
     }
