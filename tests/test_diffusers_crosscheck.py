@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_persistence import _pack_module
+
 from tools.benchmark import make_tiny_diffusers
 from tools.benchmark.diffusers_host import DiffusersSD15, ModelFilesError, load_sd15
 from tools.benchmark.train import make_trainer
@@ -62,9 +62,9 @@ def mapped(comfy_model, unet_map, single_file):
 
 def _comfy_clip_config() -> dict:
     import json
+    from pathlib import Path
 
     import comfy.clip_model
-    from pathlib import Path
 
     with open(Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json") as f:
         config = json.load(f)

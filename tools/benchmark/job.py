@@ -10,9 +10,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -120,7 +121,7 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
     subject = bench.subjects[job.subject]
     model: DiffusersSD15 = _cached(("model", settings.model, settings.config, str(device)),
                                    lambda: load_sd15(settings.model, config=settings.config, device=device))
-    photos = protocol.load_photos(subject.photos(), settings.resolution)
+    photos = protocol.load_photos(subject.photos(), settings.resolution)  # training data, DINO/CLIP-I references
     config = TrainConfig(steps=settings.steps, lr=settings.lr, lam=job.lam, seed=settings.seed,
                          resolution=settings.resolution)
     desc = f"{job.key} train"
@@ -149,14 +150,13 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
 
     clip = load_encoder(settings.clip, tokenizer_dir=settings.tokenizer_dir, device=device)
     dino = load_encoder(settings.dino, device=device)
-    references = protocol.load_photos(subject.photos(), settings.resolution)
     clip_gen = clip.embed_images(generated)
     shift = drift(clip.embed_images(base), clip.embed_images(personalized))
     fid = inception_fid(base, personalized)
     return {
         "subject": job.subject, "lambda": job.lam,
-        "dino": subject_fidelity(dino.embed_images(generated), dino.embed_images(references)).mean,
-        "clip_i": subject_fidelity(clip_gen, clip.embed_images(references)).mean,
+        "dino": subject_fidelity(dino.embed_images(generated), dino.embed_images(photos)).mean,
+        "clip_i": subject_fidelity(clip_gen, clip.embed_images(photos)).mean,
         "clip_t": prompt_fidelity(clip_gen, clip.embed_texts([strip_token(p, protocol.TOKEN) for p in prompts])).mean,
         "drift_fd": shift.frechet, "drift_kid": shift.kid, "drift_cos": shift.paired_cosine,
         "drift_fid_inception": "" if fid is None else fid,

@@ -67,10 +67,10 @@ def read_benchmark(root: str | Path) -> Benchmark:
         raise ProtocolError(f"--data {root}: no {INDEX}; expected the DreamBooth benchmark's layout "
                             "(prompts_and_classes.txt and one folder of photos per subject)")
     text = index.read_text()
-    classes = dict(re.findall(r"^([\w-]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.M))
+    classes = dict(re.findall(r"^([\w-]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.MULTILINE))
     classes.pop("subject_name", None)
-    sections = {name: re.findall(r"'([^']*)'\.format", body)
-                for name, body in re.findall(r"^(Object|Live Subject) Prompts\s*\n(.*?)^\]", text, flags=re.M | re.S)}
+    lists = re.findall(r"^(Object|Live Subject) Prompts\s*\n(.*?)^\]", text, flags=re.MULTILINE | re.DOTALL)
+    sections = {name: re.findall(r"'([^']*)'\.format", body) for name, body in lists}
     if not classes or set(sections) != {"Object", "Live Subject"}:
         raise ProtocolError(f"{index}: could not read the subject,class table and both prompt lists")
     subjects = {name: Subject(name, cls.strip(), root / name) for name, cls in classes.items()}

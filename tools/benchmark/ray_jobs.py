@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .job import Job, Settings, run_job
 

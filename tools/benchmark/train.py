@@ -8,7 +8,7 @@ U-Net's eps function, the scheduler's ``abar_t``, the checkpointed layers and a
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
