@@ -19,7 +19,7 @@ from ...trainer.evaluation import scores
 from ...trainer.evaluation.encoders import ClipEncoder, DinoEncoder, EncoderError, load_encoder
 from .errors import NodeInputError
 
-# Column order of every table, and how each number is printed.
+# Column order of every table (a row shows the ones it has).
 COLUMNS = ("DINO", "CLIP-I", "CLIP-T", "drift cosine", "drift Frechet", "drift KID", "Inception FID")
 TINY_PREFIX = "tiny-"
 TINY_NOTE = "tiny random stand-in encoders: the numbers mean nothing"
