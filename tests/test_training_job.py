@@ -207,3 +207,63 @@ def test_resume_after_a_step_that_raised_mid_forward_is_bitwise_identical():
     resumed.load_state_dict(state)  # loading the same state twice must not share Adam's tensors
     _run(resumed)
     assert _equal(full.delta.state_dict(), resumed.delta.state_dict())
+
+
+# -- run_here: the same loop in the caller's thread (the ComfyUI node and the benchmark) ------
+def _os_name() -> str:
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        return f.read().strip()
+
+
+def test_run_here_trains_the_thread_jobs_delta_bitwise_in_the_callers_thread():
+    _, threaded = _trainer()
+    _run(threaded)
+    _, here = _trainer()
+    seen = []
+    caller = threading.get_ident()
+    own_name = _os_name()
+
+    def on_step(m):
+        seen.append((m.step, threading.get_ident(), _os_name()))
+
+    with torch.inference_mode():  # as ComfyUI calls a node
+        result = TrainingJob(here).run_here(on_step, stop=lambda: False)
+        assert torch.is_inference_mode_enabled()
+    assert result.status == "completed" and result.steps_done == 12
+    assert [s for s, _, _ in seen] == list(range(1, 13))
+    assert {ident for _, ident, _ in seen} == {caller}
+    assert {name for _, _, name in seen} == {"lipschitz-train"}  # visible in top -H while it trains
+    assert _os_name() == own_name  # and the host's thread gets its own name back
+    assert _equal(threaded.delta.state_dict(), here.delta.state_dict())
+
+
+def test_run_here_stops_before_the_next_step_when_asked():
+    _, trainer = _trainer(steps=1000)
+    result = TrainingJob(trainer).run_here(lambda m: None, stop=lambda: trainer.step_count >= 5)
+    assert result.status == "cancelled" and result.steps_done == 5 == trainer.step_count
+    _, reference = _trainer(steps=5)
+    _run(reference)
+    assert _equal(trainer.delta.state_dict(), reference.delta.state_dict())
+
+
+def test_run_here_raises_the_error_of_a_step_or_a_callback_and_reports_divergence():
+    model, trainer = _trainer(steps=10)
+    _raise_at(trainer, model, 3, RuntimeError("boom in the forward"))
+    with pytest.raises(RuntimeError, match="boom in the forward"):
+        TrainingJob(trainer).run_here(lambda m: None, stop=lambda: False)
+    assert trainer.step_count == 3
+
+    _, trainer = _trainer(steps=10)
+
+    def interrupted(m):  # ComfyUI's progress bar raises on Cancel
+        if m.step == 2:
+            raise KeyboardInterrupt("cancel from the progress bar")
+
+    with pytest.raises(KeyboardInterrupt):
+        TrainingJob(trainer).run_here(interrupted, stop=lambda: False)
+    assert trainer.step_count == 2
+
+    model, trainer = _trainer(steps=50, lr=1e-2)
+    trainer.model_fn = lambda x, t, c: model(x, t, c) * (float("nan") if trainer.step_count == 4 else 1.0)
+    result = TrainingJob(trainer).run_here(lambda m: None, stop=lambda: False)
+    assert result.status == "diverged" and result.steps_done == 4 and "learning rate" in result.message

@@ -4,8 +4,8 @@ Linked into the custom_nodes of the reliability tests' own server only (see
 ``tests/fault_pack/harness.py``); it never ships with the product.
 
 * ``LipschitzTestFaultHook`` passes its MODEL through after registering a forward hook on one
-  U-Net sub-module.  The hook counts only calls made by the training thread (named
-  ``lipschitz-train``) and at the N-th one raises ``RuntimeError("injected fault ...")`` or
+  U-Net sub-module.  The hook counts only training calls (grad enabled: ComfyUI samples and
+  encodes under inference mode, in the same worker thread) and at the N-th one raises ``RuntimeError("injected fault ...")`` or
   turns the output into NaN.  It removes itself once it has fired, and every execution of the
   node first removes whatever an earlier one left, so nothing leaks into later prompts.
 * ``LipschitzTestUNetHash`` loads the MODEL as sampling would and reports the SHA-256 of all
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+
+import torch
 
 TRAIN_THREAD = "lipschitz-train"
 _handles: list = []
@@ -72,7 +74,7 @@ class LipschitzTestFaultHook:
         state = {"calls": 0}
 
         def hook(_mod, _args, output):
-            if threading.current_thread().name != TRAIN_THREAD:
+            if not torch.is_grad_enabled():
                 return None
             state["calls"] += 1
             if state["calls"] < at_call:

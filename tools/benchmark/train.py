@@ -3,8 +3,9 @@
 Mirrors ``nodes/host/run.py`` (``_trainer`` and ``_Training.run``) for the diffusers host: the
 photos' latents and the instance prompt's embedding are computed once, the trainer gets the
 U-Net's eps function, the scheduler's ``abar_t``, the checkpointed layers and a
-:class:`trainer.delta.ParameterDelta` over every U-Net parameter, and runs in a
-:class:`trainer.job.TrainingJob` thread while the caller sees each step.
+:class:`trainer.delta.ParameterDelta` over every U-Net parameter, and runs through a
+:class:`trainer.job.TrainingJob` in the caller's thread (``run_here``: a second torch thread is
+slower on a CPU) while the caller sees each step.
 """
 from __future__ import annotations
 
@@ -42,13 +43,7 @@ def personalize(model: DiffusersSD15, images: Tensor, prompt: str, config: Train
     cond, _ = model.encode_prompt(prompt)
     latents = model.encode_images(images, config.seed)
     trainer = make_trainer(model, latents, cond, config)
-    job = TrainingJob(trainer, name="benchmark-train").start()
-    while not job.done:
-        for metrics in job.poll(0.1):
-            on_step(metrics)
-    for metrics in job.poll():
-        on_step(metrics)
-    outcome = job.wait()
+    outcome = TrainingJob(trainer).run_here(on_step, stop=lambda: False)
     if outcome.status != "completed":
         raise TrainingFailed(f"training {outcome.status} at step {outcome.steps_done}: {outcome.message}")
     return trainer
