@@ -129,3 +129,11 @@ def test_the_command_line_says_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # ray not installed
     with pytest.raises(SystemExit, match=r"--ray needs the optional package ray \(pip install"):
         cli.main(["--data", str(DATA), "--out", str(tmp_path), "--ray", "--smoke"])
+
+
+def test_plot_ticks_tell_apart_a_metric_that_moves_in_its_fourth_digit():
+    plot = runner._plot_module()
+    for lo, hi in ((0.30006, 0.30011), (0.9966, 0.9969), (-0.12295, -0.12277), (0.0, 1.5)):
+        labels = plot._labels(plot._ticks(lo, hi))
+        assert len(set(labels)) == len(labels), labels
+        assert all(abs(float(s) - v) <= (hi - lo) / 4 for s, v in zip(labels, plot._ticks(lo, hi))), labels

@@ -17,8 +17,18 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     return [lo + (hi - lo) * i / n for i in range(n + 1)]
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.2e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3g}"
+def _fmt(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits - 1}e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.{digits}g}"
+
+
+def _labels(values: Sequence[float]) -> list[str]:
+    """Tick labels with as many significant digits as it takes to tell them apart (a metric
+    that moves in its fourth digit would otherwise read 0.3, 0.3, 0.3)."""
+    for digits in range(3, 9):
+        labels = [_fmt(v, digits) for v in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
 
 
 def panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: Sequence[Series]) -> None:
@@ -37,9 +47,10 @@ def panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
     xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + abs(ymin) * 0.1 + 1e-12)
     sx = lambda x: left + (x - xmin) / (xmax - xmin) * (right - left)  # noqa: E731
     sy = lambda y: bottom - (y - ymin) / (ymax - ymin) * (bottom - top)  # noqa: E731
-    for v in _ticks(ymin, ymax):
+    ticks = _ticks(ymin, ymax)
+    for v, label in zip(ticks, _labels(ticks)):
         draw.line((left - 4, sy(v), left, sy(v)), fill=(0, 0, 0))
-        draw.text((x0 + 4, sy(v) - 5), _fmt(v), fill=(0, 0, 0), font=font)
+        draw.text((x0 + 4, sy(v) - 5), label, fill=(0, 0, 0), font=font)
     for v in sorted({round(v) for v in _ticks(xmin, xmax)}):  # steps are whole numbers
         draw.text((sx(v) - 8, bottom + 6), str(v), fill=(0, 0, 0), font=font)
     for i, (_, xs, ys) in enumerate(series):
