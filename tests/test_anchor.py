@@ -168,34 +168,39 @@ def test_the_exact_sampling_path_keeps_the_delta_the_fp16_patch_rounds_away(mode
     assert all(torch.equal(p, base[n]) for n, p in unet16.named_parameters())
 
 
+def _train_on(server, fp32_ckpt, sampling: str = "patch", memory: str = "faithful"):
+    """Train 3 steps of the fp32 checkpoint on ``server``: (the prompt's result, the node's
+    texts, the saved delta or ``None``)."""
+    link = server.checkpoints_dir / FP32
+    if not link.exists():
+        link.symlink_to(fp32_ckpt)
+    install_subject(server.input_dir)
+    graph = loader(ckpt=FP32)
+    graph["train"] = {"class_type": "LipschitzPersonalize",
+                      "inputs": personalize_inputs(steps=3, memory=memory, delta_dtype="fp32", seed=77,
+                                                   sampling=sampling)}
+    sample(graph, ["train", 0], "anchor")
+    graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1],
+                                                                     "filename_prefix": "anchor"}}
+    result = server.client.run(graph, timeout=600)
+    if result.status != "success":
+        return result, result.texts_for("train"), None
+    assert server.client.output_images(result, server.output_dir), "nothing sampled"
+    saved = server.base_dir / "models" / result.outputs["save"]["text"][0]
+    return result, result.texts_for("train"), load_file(str(saved))
+
+
 def test_a_server_holding_the_unet_in_fp16_trains_the_fp32_servers_delta(tmp_path_factory, tiny_ckpt, fp32_ckpt,
                                                                           comfy_server):
     """ComfyUI started with --fp16-unet (a GPU's storage, on the CPU) trains the same delta as
     the fp32 server, and its node says where theta0 came from; its MODEL samples with
     ``sampling=exact`` (ComfyUI loading the weight wrappers and computing in fp32)."""
-    def run(server, sampling: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-        link = server.checkpoints_dir / FP32
-        if not link.exists():
-            link.symlink_to(fp32_ckpt)
-        install_subject(server.input_dir)
-        graph = loader(ckpt=FP32)
-        graph["train"] = {"class_type": "LipschitzPersonalize",
-                          "inputs": personalize_inputs(steps=3, memory="faithful", delta_dtype="fp32", seed=77,
-                                                       sampling=sampling)}
-        sample(graph, ["train", 0], "anchor")
-        graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1],
-                                                                         "filename_prefix": "anchor"}}
-        result = server.client.run(graph, timeout=600)
-        assert result.status == "success", (result.error, server.log_tail())
-        assert server.client.output_images(result, server.output_dir), "nothing sampled"
-        saved = server.base_dir / "models" / result.outputs["save"]["text"][0]
-        return result.texts_for("train"), load_file(str(saved))
-
     half = make_server(tmp_path_factory.mktemp("fp16unet") / "comfy", tiny_ckpt)
     half.extra_args.append("--fp16-unet")
     with half:
-        texts16, delta16 = run(half, "exact")
-    texts32, delta32 = run(comfy_server, "patch")
+        result16, texts16, delta16 = _train_on(half, fp32_ckpt, "exact")
+    result32, texts32, delta32 = _train_on(comfy_server, fp32_ckpt)
+    assert result16.status == result32.status == "success", (result16.error, result32.error)
     plan16 = next(t for t in texts16 if t.startswith("memory: "))
     plan32 = next(t for t in texts32 if t.startswith("memory: "))
     assert f"anchor theta0 in float32 from the checkpoint file {FP32} (ComfyUI holds the model in float16)" in plan16
@@ -204,3 +209,25 @@ def test_a_server_holding_the_unet_in_fp16_trains_the_fp32_servers_delta(tmp_pat
     for k in delta32:
         torch.testing.assert_close(delta16[k], delta32[k], rtol=0, atol=1e-7)
     shutil.rmtree(half.base_dir, ignore_errors=True)
+
+
+def test_a_server_holding_the_unet_in_fp8_trains_against_the_file_and_refuses_the_model_anchor(
+        tmp_path_factory, tiny_ckpt, fp32_ckpt, comfy_server):
+    """--fp8_e4m3fn-unet: theta0 from the file trains the fp32 server's delta; the modes that
+    train against the model as held (12gb, 8gb) are refused before any work with what to do,
+    not with torch's "Promotion for Float8 Types is not supported" at step 1."""
+    fp8 = make_server(tmp_path_factory.mktemp("fp8unet") / "comfy", tiny_ckpt)
+    fp8.extra_args.append("--fp8_e4m3fn-unet")
+    with fp8:
+        result8, texts8, delta8 = _train_on(fp8, fp32_ckpt)
+        refused, _, _ = _train_on(fp8, fp32_ckpt, memory="12gb")
+        partials = list((fp8.base_dir / "models" / "lipschitz_deltas").glob("partial_*"))
+    assert result8.status == "success", result8.error
+    assert any(f"from the checkpoint file {FP32} (ComfyUI holds the model in float8_e4m3fn)" in t for t in texts8)
+    _, _, delta32 = _train_on(comfy_server, fp32_ckpt)
+    for k in delta32:
+        torch.testing.assert_close(delta8[k], delta32[k], rtol=0, atol=1e-7)
+    message = refused.error["exception_message"]
+    assert refused.status == "error" and "float8_e4m3fn" in message and "memory=faithful" in message, message
+    assert "Promotion" not in message and not partials  # refused before any step
+    shutil.rmtree(fp8.base_dir, ignore_errors=True)

@@ -234,6 +234,22 @@ def choose_anchor(model, unet: nn.Module, prompt: dict | None = None, node_id: s
                                                 f"(ComfyUI holds the model in {str(held).removeprefix('torch.')})")
 
 
+FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+          if hasattr(torch, n)}
+
+
+def require_addable(anchor: Anchor, mode: str) -> None:
+    """Refuse, before any work, to train against fp8 weights: torch cannot add a delta to them
+    (it has no fp8 type promotion), so the run would fail at its first step."""
+    if anchor.file is None and anchor.dtype in FLOAT8:
+        raise NodeInputError(
+            "model", f"ComfyUI holds this U-Net in {anchor.name} and memory={mode} trains against the model as "
+                     f"held ({anchor.why}); a delta cannot be added to fp8 weights",
+            "Use memory=faithful or lean with the model straight from its .safetensors checkpoint loader (theta0 "
+            "is then read from the file), or load the U-Net in fp16/fp32 (no --fp8_e4m3fn-unet; weight_dtype "
+            "default in Load Diffusion Model)")
+
+
 def read_anchor(anchor: Anchor, unet: nn.Module, device: torch.device) -> dict[str, Tensor] | None:
     """theta0 from ``anchor.file`` on ``device`` (``None``: the model's weights are theta0),
     checked against the U-Net's shapes; one tensor at a time, so the peak is the anchor."""

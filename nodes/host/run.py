@@ -91,8 +91,9 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     memory = adapter.training_memory(spec.model)
     anchors = _anchors(spec, node_id)
     mode, plan = _memory_plan(spec, memory, anchors)  # before any work: encoding, loading, delta, Adam state
-    base, dynamic_note = adapter.trainable(spec.model)
     anchor = anchors[MODES[mode].anchor]
+    adapter.require_addable(anchor, mode)
+    base, dynamic_note = adapter.trainable(spec.model)
     config = configure(spec.config, mode)
     progress = NodeProgress(node_id, config.steps, config.lam)
     if spec.images.shape[0] == 1:
