@@ -12,7 +12,7 @@ import torch
 
 from trainer.config import ConfigError, TrainConfig
 from trainer.delta import ParameterDelta
-from trainer.job import TrainingJob
+from trainer import job
 from trainer.lowrank import LowRankDelta
 from trainer.loop import CachedExamples, RegularizedTrainer
 from trainer.objective import paper_regularizer
@@ -129,7 +129,7 @@ def test_step_in_backward_reports_a_non_finite_gradient():
         return _NanGradient.apply(out) if t.step_count == 1 else out
 
     t.model_fn = poisoned
-    result = TrainingJob(t).start().wait(60)
+    result = job.run(t, lambda m: None)
     assert result.status == "diverged" and "step_in_backward" in result.message
 
 

@@ -1,4 +1,4 @@
-"""The loop and the background job: determinism, cancel, errors, NaN guard, grad mode."""
+"""The loop and the job that runs it: determinism, cancel, errors, NaN guard, grad mode."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.delta import ParameterDelta
-from trainer.job import TrainingJob
+from trainer import job
 from trainer.config import TrainConfig
 from trainer.loop import CachedExamples, RegularizedTrainer
 
@@ -26,13 +26,9 @@ def _trainer(steps=12, lr=1e-3, seed=2025, checkpoint=False, prior=False, model_
     return model, trainer
 
 
-def _run(trainer):
-    job = TrainingJob(trainer).start()
+def _run(trainer, stop=lambda: False):
     events = []
-    while not job.done:
-        events += job.poll(0.05)
-    events += job.poll()
-    return job.wait(), events
+    return job.run(trainer, events.append, stop), events
 
 
 def _raise_at(trainer, model, step: int, exc: BaseException) -> None:
@@ -95,21 +91,20 @@ def test_prior_preservation_term_is_used():
 
 
 def test_cancel_stops_within_one_step_and_keeps_a_consistent_partial_delta():
+    """ComfyUI's Cancel, set from another thread while a step runs: that step completes, no
+    further one starts."""
     gate = threading.Event()
     model, trainer = _trainer(steps=1000)
 
-    def slow_model(x, t, c):
+    def cancelled_mid_step(x, t, c):
         if trainer.step_count == 5:
             gate.set()
         return model(x, t, c)
 
-    trainer.model_fn = slow_model
-    job = TrainingJob(trainer).start()
-    assert gate.wait(30)
-    job.cancel()
-    result = job.wait(30)
+    trainer.model_fn = cancelled_mid_step
+    result, _ = _run(trainer, stop=gate.is_set)
     assert result.status == "cancelled"
-    assert result.steps_done in (6, 7)  # the step in flight completes, no further one starts
+    assert result.steps_done == 6
     # The partial delta is exactly the uninterrupted run's delta at that step count.
     _, reference = _trainer(steps=result.steps_done)
     _run(reference)
@@ -117,12 +112,11 @@ def test_cancel_stops_within_one_step_and_keeps_a_consistent_partial_delta():
     assert not any(t.name == "lipschitz-train" and t.is_alive() for t in threading.enumerate())
 
 
-def test_worker_exception_is_reraised_in_the_caller_with_its_traceback():
+def test_an_error_in_a_step_reaches_the_caller_with_its_traceback():
     model, trainer = _trainer(steps=10)
     _raise_at(trainer, model, 3, RuntimeError("boom in the forward"))
-    job = TrainingJob(trainer).start()
     with pytest.raises(RuntimeError, match="boom in the forward") as info:
-        job.wait(30)
+        _run(trainer)
     assert "broken" in "".join(traceback.format_tb(info.value.__traceback__))
     assert trainer.step_count == 3
 
@@ -200,7 +194,7 @@ def test_resume_after_a_step_that_raised_mid_forward_is_bitwise_identical():
     model, broken = _trainer(steps=8)
     _raise_at(broken, model, 3, KeyboardInterrupt("interrupt inside the U-Net forward"))
     with pytest.raises(KeyboardInterrupt):
-        TrainingJob(broken).start().wait(30)
+        _run(broken)
     state = broken.state_dict()
     _, resumed = _trainer(steps=8)
     resumed.load_state_dict(state)
@@ -209,16 +203,14 @@ def test_resume_after_a_step_that_raised_mid_forward_is_bitwise_identical():
     assert _equal(full.delta.state_dict(), resumed.delta.state_dict())
 
 
-# -- run_here: the same loop in the caller's thread (the ComfyUI node and the benchmark) ------
+# -- the thread it runs in (the host's: ComfyUI's worker thread, the benchmark's job) -------------
 def _os_name() -> str:
     with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
         return f.read().strip()
 
 
-def test_run_here_trains_the_thread_jobs_delta_bitwise_in_the_callers_thread():
-    _, threaded = _trainer()
-    _run(threaded)
-    _, here = _trainer()
+def test_the_run_trains_in_the_callers_thread_named_while_it_trains():
+    _, trainer = _trainer()
     seen = []
     caller = threading.get_ident()
     own_name = _os_name()
@@ -227,32 +219,16 @@ def test_run_here_trains_the_thread_jobs_delta_bitwise_in_the_callers_thread():
         seen.append((m.step, threading.get_ident(), _os_name()))
 
     with torch.inference_mode():  # as ComfyUI calls a node
-        result = TrainingJob(here).run_here(on_step, stop=lambda: False)
+        result = job.run(trainer, on_step)
         assert torch.is_inference_mode_enabled()
     assert result.status == "completed" and result.steps_done == 12
     assert [s for s, _, _ in seen] == list(range(1, 13))
     assert {ident for _, ident, _ in seen} == {caller}
-    assert {name for _, _, name in seen} == {"lipschitz-train"}  # visible in top -H while it trains
+    assert {name for _, _, name in seen} == {job.THREAD_NAME}  # visible in top -H while it trains
     assert _os_name() == own_name  # and the host's thread gets its own name back
-    assert _equal(threaded.delta.state_dict(), here.delta.state_dict())
 
 
-def test_run_here_stops_before_the_next_step_when_asked():
-    _, trainer = _trainer(steps=1000)
-    result = TrainingJob(trainer).run_here(lambda m: None, stop=lambda: trainer.step_count >= 5)
-    assert result.status == "cancelled" and result.steps_done == 5 == trainer.step_count
-    _, reference = _trainer(steps=5)
-    _run(reference)
-    assert _equal(trainer.delta.state_dict(), reference.delta.state_dict())
-
-
-def test_run_here_raises_the_error_of_a_step_or_a_callback_and_reports_divergence():
-    model, trainer = _trainer(steps=10)
-    _raise_at(trainer, model, 3, RuntimeError("boom in the forward"))
-    with pytest.raises(RuntimeError, match="boom in the forward"):
-        TrainingJob(trainer).run_here(lambda m: None, stop=lambda: False)
-    assert trainer.step_count == 3
-
+def test_an_error_in_on_step_stops_the_run_after_that_step():
     _, trainer = _trainer(steps=10)
 
     def interrupted(m):  # ComfyUI's progress bar raises on Cancel
@@ -260,10 +236,5 @@ def test_run_here_raises_the_error_of_a_step_or_a_callback_and_reports_divergenc
             raise KeyboardInterrupt("cancel from the progress bar")
 
     with pytest.raises(KeyboardInterrupt):
-        TrainingJob(trainer).run_here(interrupted, stop=lambda: False)
+        job.run(trainer, interrupted)
     assert trainer.step_count == 2
-
-    model, trainer = _trainer(steps=50, lr=1e-2)
-    trainer.model_fn = lambda x, t, c: model(x, t, c) * (float("nan") if trainer.step_count == 4 else 1.0)
-    result = TrainingJob(trainer).run_here(lambda m: None, stop=lambda: False)
-    assert result.status == "diverged" and result.steps_done == 4 and "learning rate" in result.message

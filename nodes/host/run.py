@@ -3,9 +3,9 @@
 The seam between the two sides: the only module that imports both ComfyUI and :mod:`trainer`.
 A :class:`RunSpec` is what the node was given; :func:`personalize` checks it before any work,
 encodes the photos and prompt once, loads ``auto_<key>`` when the same run finished before,
-and otherwise trains through a :class:`trainer.job.TrainingJob` in ComfyUI's worker thread,
-relaying progress and checking for the UI's Cancel between steps.  Whatever stops a run early, its delta and resume state are
-saved as ``partial_<key>`` before the error or interrupt reaches ComfyUI.  The base MODEL is
+and otherwise trains (:func:`trainer.job.run`) in ComfyUI's worker thread, relaying progress
+and checking for the UI's Cancel between steps.  Whatever stops a run early, its delta and
+resume state are saved as ``partial_<key>`` before the error or interrupt reaches ComfyUI.  The base MODEL is
 never written: the output is a clone carrying the delta as patches.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import comfy.model_management
 
 from ...trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, ConfigError, TrainConfig
 from ...trainer.delta import ParameterDelta
-from ...trainer.job import TrainingJob
+from ...trainer import job
 from ...trainer.memory import CHOICES as MEMORY_CHOICES
 from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
 from ...trainer.loop import CachedExamples, RegularizedTrainer
@@ -205,7 +205,7 @@ def _memory_plan(spec: RunSpec, memory: adapter.TrainingMemory, anchors: dict[st
 
 
 class _Training:
-    """One training run in the job thread: resume, relay progress and Cancel, save the outcome."""
+    """One training run in ComfyUI's worker thread: resume, relay progress and Cancel, save the outcome."""
 
     def __init__(self, trainer: RegularizedTrainer, key: str, meta: dict[str, str], training_log: TrainingLog,
                  progress: NodeProgress, delta_dtype: str) -> None:
@@ -215,11 +215,8 @@ class _Training:
 
     def run(self) -> tuple[TrainedDelta, TrainingLog]:
         start_step = self.trainer.step_count
-        # In ComfyUI's own worker thread, not a thread of ours: see TrainingJob.run_here (a
-        # second torch thread made every CPU step about 1.2x slower).
-        try:
-            outcome = TrainingJob(self.trainer).run_here(self._relay,
-                                                         comfy.model_management.processing_interrupted)
+        try:  # in ComfyUI's worker thread: a thread of ours is slower on a CPU (trainer/job.py)
+            outcome = job.run(self.trainer, self._relay, comfy.model_management.processing_interrupted)
         except BaseException as exc:
             state = "interrupted" if isinstance(exc, comfy.model_management.InterruptProcessingException) else "failed"
             if self.trainer.step_count > start_step:

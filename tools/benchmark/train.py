@@ -3,9 +3,8 @@
 Mirrors ``nodes/host/run.py`` (``_trainer`` and ``_Training.run``) for the diffusers host: the
 photos' latents and the instance prompt's embedding are computed once, the trainer gets the
 U-Net's eps function, the scheduler's ``abar_t``, the checkpointed layers and a
-:class:`trainer.delta.ParameterDelta` over every U-Net parameter, and runs through a
-:class:`trainer.job.TrainingJob` in the caller's thread (``run_here``: a second torch thread is
-slower on a CPU) while the caller sees each step.
+:class:`trainer.delta.ParameterDelta` over every U-Net parameter, and runs in the caller's
+thread (:func:`trainer.job.run`) while the caller sees each step.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from torch import Tensor
 
 from trainer.config import TrainConfig
 from trainer.delta import ParameterDelta
-from trainer.job import TrainingJob
+from trainer.job import run as run_trainer
 from trainer.loop import CachedExamples, RegularizedTrainer
 from trainer.metrics import StepMetrics
 
@@ -43,7 +42,7 @@ def personalize(model: DiffusersSD15, images: Tensor, prompt: str, config: Train
     cond, _ = model.encode_prompt(prompt)
     latents = model.encode_images(images, config.seed)
     trainer = make_trainer(model, latents, cond, config)
-    outcome = TrainingJob(trainer).run_here(on_step, stop=lambda: False)
+    outcome = run_trainer(trainer, on_step)
     if outcome.status != "completed":
         raise TrainingFailed(f"training {outcome.status} at step {outcome.steps_done}: {outcome.message}")
     return trainer
