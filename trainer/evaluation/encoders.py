@@ -175,8 +175,7 @@ def _load(path: Path, tokenizer_dir: str | Path | None, device: torch.device) ->
         if path.suffix != ".safetensors":
             raise EncoderError(f"{path}: not a .safetensors file; expected {EXPECTED}")
         model, arch = _clip_from_single_file(path)
-        return _clip_encoder(model, path, arch, _tokenizer(path.parent if _has_tokenizer(path.parent) else None,
-                                                           tokenizer_dir, path), device)
+        return _clip_encoder(model, path, arch, _tokenizer(path.parent, tokenizer_dir, path), device)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise EncoderError(f"{path}: folder without config.json; expected {EXPECTED}")
@@ -185,8 +184,7 @@ def _load(path: Path, tokenizer_dir: str | Path | None, device: torch.device) ->
         model = CLIPModel.from_pretrained(path, local_files_only=True)
         vision = model.config.vision_config
         arch = _vit_arch("CLIP", vision.hidden_size, vision.patch_size, vision.image_size)
-        return _clip_encoder(model, path, arch, _tokenizer(path if _has_tokenizer(path) else None, tokenizer_dir, path),
-                             device)
+        return _clip_encoder(model, path, arch, _tokenizer(path, tokenizer_dir, path), device)
     if model_type in ("vit", "dinov2"):
         return _dino_encoder(path, model_type, device)
     raise EncoderError(f"{path}: config.json has model_type {model_type!r} (a vision-only or other model); "
@@ -197,9 +195,10 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _tokenizer(folder: Path | None, tokenizer_dir: str | Path | None, model_path: Path) -> CLIPTokenizer:
-    source = folder or (Path(tokenizer_dir) if tokenizer_dir else None)
-    if source is None or not _has_tokenizer(source):
+def _tokenizer(beside: Path, tokenizer_dir: str | Path | None, model_path: Path) -> CLIPTokenizer:
+    """CLIP's tokenizer from the folder ``beside`` the model, else from ``tokenizer_dir``."""
+    source = next((d for d in (beside, Path(tokenizer_dir) if tokenizer_dir else None) if d and _has_tokenizer(d)), None)
+    if source is None:
         raise EncoderError(f"{model_path}: no CLIP tokenizer files (vocab.json + merges.txt) beside the model "
                            f"and none in tokenizer_dir={tokenizer_dir!r}; copy them next to the model")
     return CLIPTokenizer.from_pretrained(source, local_files_only=True)
