@@ -13,8 +13,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import to_tensor
-
 MAX_ROWS = 8
 PAD = 8
 
@@ -122,7 +120,7 @@ def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: li
             if img.size != (cell_w, cell_h):
                 img = img.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
             canvas.paste(img, (label_w + c * cell_w, y0))
-    return to_tensor([canvas])
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
 
 
 def render_table(header: list[str], body: list[list[str]], caption: list[str], title: str = "") -> torch.Tensor:
@@ -154,4 +152,4 @@ def render_table(header: list[str], body: list[list[str]], caption: list[str], t
     y = table_top + (len(body) + 1) * line_h
     for i, line in enumerate(notes):
         draw.text((PAD, y + i * line_h + PAD // 2), line, fill=grey, font=font)
-    return to_tensor([canvas])
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
