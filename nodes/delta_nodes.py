@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .host import adapter
-from .host.delta_file import TrainedDelta, load_delta_file, save_delta_file
-from .host.errors import NodeInputError
+from ..trainer.files.delta_file import TrainedDelta, load_delta_file, save_delta_file
+from ..trainer.errors import NodeInputError
 from .host.folders import FOLDER, delta_dir, delta_files, next_free
 from .host.progress import send_text
 from .host.types import DeltaType

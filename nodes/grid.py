@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .host.evaluation import row_lines
-from .host.grid import MAX_ROWS, make_grid, parse_labels
+from ..trainer.evaluation.evaluate import row_lines
+from ..trainer.render.grid import MAX_ROWS, make_grid, parse_labels
 from .host.types import MetricsType
 
 

@@ -2,7 +2,7 @@
 (CLIP-T) and drift, as nodes, and a table of them (one row per model).
 
 The maths is :mod:`trainer.evaluation` (shared with the headless benchmark); these classes
-only adapt IMAGE batches to it (:mod:`.host.evaluation`).  Each metric node takes an optional
+only adapt IMAGE batches to it (:mod:`trainer.evaluation.evaluate`).  Each metric node takes an optional
 ``metrics`` row and returns it with its own numbers added, so a chain subject -> prompt ->
 drift builds one row per model for ``LipschitzMetricsTable``.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .host import evaluation, evaluation_host
-from .host.grid import MAX_ROWS, parse_labels, render_table
+from ..trainer.evaluation import evaluate
+from ..trainer.render.grid import MAX_ROWS, parse_labels, render_table
+from .host import eval_models
 from .host.types import EvalModelType, MetricsType
 
 CATEGORY = "personalization/lipschitz/evaluation"
@@ -29,14 +30,14 @@ class LipschitzEvalModelLoader(io.ComfyNode):
                         "from models/eval/ or models/clip_vision/: a folder with config.json (e.g. "
                         "openai/clip-vit-base-patch32, facebook/dino-vits16) or a CLIP .safetensors file. "
                         "Offline only: nothing is downloaded.",
-            inputs=[io.Combo.Input("model_name", options=evaluation_host.model_names(),
+            inputs=[io.Combo.Input("model_name", options=eval_models.model_names(),
                                    tooltip="models/eval/<name> (folder or .safetensors), or models/clip_vision/<name>")],
             outputs=[EvalModelType.Output(display_name="EVAL_MODEL")],
         )
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        encoder = evaluation.load(evaluation_host.model_path(model_name), evaluation_host.tokenizer_dir())
+        encoder = evaluate.load(eval_models.model_path(model_name), eval_models.tokenizer_dir())
         return io.NodeOutput(encoder, ui={"text": [encoder.name]})
 
 
@@ -60,8 +61,8 @@ class LipschitzSubjectFidelity(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, references, dino=None, clip=None, metrics=None) -> io.NodeOutput:
-        with evaluation.on_device([dino, clip], evaluation_host.device_for([dino, clip])):
-            row, text = evaluation.subject_fidelity(images, references, dino, clip, metrics)
+        with evaluate.on_device([dino, clip], eval_models.device_for([dino, clip])):
+            row, text = evaluate.subject_fidelity(images, references, dino, clip, metrics)
         return io.NodeOutput(row.values["DINO"] if dino is not None else NAN,
                              row.values["CLIP-I"] if clip is not None else NAN, row, text, ui={"text": [text]})
 
@@ -87,8 +88,8 @@ class LipschitzPromptFidelity(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, clip, prompts: str, token: str, metrics=None) -> io.NodeOutput:
-        with evaluation.on_device([clip], evaluation_host.device_for([clip])):
-            row, text = evaluation.prompt_fidelity(images, clip, prompts, token, metrics)
+        with evaluate.on_device([clip], eval_models.device_for([clip])):
+            row, text = evaluate.prompt_fidelity(images, clip, prompts, token, metrics)
         return io.NodeOutput(row.values["CLIP-T"], row, text, ui={"text": [text]})
 
 
@@ -114,8 +115,8 @@ class LipschitzDrift(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, base_images, encoder, metrics=None) -> io.NodeOutput:
-        with evaluation.on_device([encoder], evaluation_host.device_for([encoder])):
-            row, text = evaluation.drift(images, base_images, encoder, metrics)
+        with evaluate.on_device([encoder], eval_models.device_for([encoder])):
+            row, text = evaluate.drift(images, base_images, encoder, metrics)
         numbers = [row.values.get(k, NAN) for k in ("drift cosine", "drift Frechet", "drift KID", "Inception FID")]
         return io.NodeOutput(*numbers, row, text, ui={"text": [text]})
 
@@ -142,7 +143,7 @@ class LipschitzMetricsTable(io.ComfyNode):
     def execute(cls, metrics_1, row_labels: str, title: str = "", **more) -> io.NodeOutput:
         rows = [metrics_1] + [more[f"metrics_{i}"] for i in range(2, MAX_ROWS + 1) if more.get(f"metrics_{i}") is not None]
         labels = parse_labels(row_labels)
-        header, body = evaluation.cells(rows, labels)
-        text = evaluation.table_text(rows, labels, title or "")
-        image = render_table(header, body, evaluation.caption(rows), title or "")
+        header, body = evaluate.cells(rows, labels)
+        text = evaluate.table_text(rows, labels, title or "")
+        image = render_table(header, body, evaluate.caption(rows), title or "")
         return io.NodeOutput(image, text, ui={"text": [text]})

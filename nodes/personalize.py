@@ -1,15 +1,18 @@
 """``LipschitzPersonalize``: the paper's fine-tune on the host GPU, as a ComfyUI node.
 
-The widgets' defaults are the paper's (:class:`trainer.config.TrainConfig`, through
-:mod:`.host.run`); the work - validation, cache, training thread, resume, saving - is
+The widgets' defaults are the paper's (:class:`trainer.config.TrainConfig`); the work - validation, cache, training thread, resume, saving - is
 :func:`.host.run.personalize`.
 """
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .host.run import (DEFAULT_DELTA_DTYPE, DEFAULTS, DELTA_DTYPES, MEMORY_CHOICES, MODES, PRECISIONS, REGULARIZERS,
-                       SAMPLING, RunSpec, TrainConfig, personalize)
+from ..trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, TrainConfig
+from ..trainer.files.delta_file import DEFAULT_DELTA_DTYPE, DELTA_DTYPES
+from ..trainer.memory import CHOICES as MEMORY_CHOICES
+from ..trainer.memory import MODES
+from .host.adapter import SAMPLING
+from .host.run import RunSpec, personalize
 from .host.types import DeltaType, TrainingLogType
 
 

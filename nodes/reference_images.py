@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from .host.images import CROP_MODES, image_files, load_folder, resolve_folder
+from ..trainer.render.images import CROP_MODES, image_files, load_folder, resolve_folder
 
 
 class LipschitzLoadReferenceImages(io.ComfyNode):

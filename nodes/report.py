@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .host.plot import render_report
+from ..trainer.render.plot import render_report
 from .host.types import TrainingLogType
 
 MAX_LOGS = 8

@@ -1,7 +1,10 @@
 """Shared fixtures: a ComfyUI tree, the tiny checkpoints and a real ComfyUI server.
 
-Any test that uses ``comfy_server`` is marked ``server`` automatically
-(``pytest -m "not server"`` skips them).
+The pack is imported as ``lipschitz_personalize`` (:mod:`tools.pack_import`), whatever this
+checkout's folder is called.  Nothing here imports ComfyUI: a test that needs it in this process
+(``comfy``, ``folder_paths``, the pack's ``nodes``) asks for ``comfy_in_process``, so the pure
+maths tests run without it.  Any test that uses ``comfy_server`` is marked ``server``
+automatically (``pytest -m "not server"`` skips them).
 """
 from __future__ import annotations
 
@@ -14,18 +17,15 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = REPO_ROOT / "tools"
-for p in (str(REPO_ROOT), str(TOOLS)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if str(REPO_ROOT) not in sys.path:  # tools.* (pyproject's pytest pythonpath does the same)
+    sys.path.insert(0, str(REPO_ROOT))
 
 from tools.comfy_server import ComfyServer  # noqa: E402
+from tools.pack_import import add_to_sys_path  # noqa: E402
 from tools.setup_comfyui import comfyui_root as _comfyui_root  # noqa: E402
 from tools.setup_comfyui import use_comfy_in_process  # noqa: E402
 
-# Some tests import the pack's node modules in-process (they import folder_paths, comfy):
-# ComfyUI's root first on sys.path, and --cpu set before comfy.model_management probes CUDA.
-# (pytest's rootdir is tests/, so the pack's own __init__ is never collected as a package.)
-use_comfy_in_process(cpu=True)
+add_to_sys_path()
 
 MODELS_DIR = REPO_ROOT / ".comfyui" / "models"
 SERVER_FIXTURES = {"comfy_server", "comfy_client"}
@@ -48,6 +48,14 @@ def _ensure_ckpt(name: str, arch: str) -> Path:
 @pytest.fixture(scope="session")
 def comfyui_root() -> Path:
     return _comfyui_root()
+
+
+@pytest.fixture(scope="session")
+def comfy_in_process() -> Path:
+    """ComfyUI importable in the test process, on the CPU (ComfyUI's root first on sys.path, so
+    its top-level ``nodes`` wins; ``--cpu`` set before ``comfy.model_management`` probes CUDA).
+    Returns the ComfyUI root."""
+    return use_comfy_in_process(cpu=True)
 
 
 @pytest.fixture(scope="session")

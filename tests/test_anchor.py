@@ -14,14 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fault_pack.harness import make_server
-from graphs import install_subject, loader, personalize_inputs, sample
-from test_persistence import _pack_module
-from trainer.config import TrainConfig
-from trainer.delta import ParameterDelta
-from trainer.loop import CachedExamples, RegularizedTrainer
-from trainer.memory import configure
+from tools.graphs import install_subject, loader, personalize_inputs, sample
+from lipschitz_personalize.trainer.config import TrainConfig
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
+from lipschitz_personalize.trainer.memory import configure
 
 FP32 = "anchor_fp32.safetensors"
+
+pytestmark = pytest.mark.usefixtures("comfy_in_process")  # the pack's ComfyUI side in this process
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def _train_delta(unet, anchor=None, steps: int = 3, lr: float = 1e-4) -> dict[st
 
 
 def test_an_fp16_held_model_trains_against_the_files_fp32_values(models):
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     unet32, unet16 = (models[d].model.diffusion_model for d in (torch.float32, torch.float16))
     assert next(unet16.parameters()).dtype == torch.float16
 
@@ -93,7 +94,7 @@ def test_an_fp16_held_model_trains_against_the_files_fp32_values(models):
 
 
 def test_where_the_model_is_the_files_values_or_unknown_it_is_the_anchor(models, fp32_ckpt):
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     m32, m16 = models[torch.float32], models[torch.float16]
     held = adapter.choose_anchor(m32, m32.model.diffusion_model, _graph_to_loader(), "train")
     assert held.file is None and held.dtype == torch.float32 and FP32 in held.why  # fp32 holds the file exactly
@@ -142,7 +143,7 @@ def _rel(applied: dict, delta: dict) -> float:
 def test_the_exact_sampling_path_keeps_the_delta_the_fp16_patch_rounds_away(models):
     """Where ComfyUI stores the U-Net in fp16 its diff patch rounds base + delta to fp16; the
     node measures that loss and says so, and ``sampling=exact`` keeps every value."""
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     m16 = models[torch.float16]
     unet16 = m16.model.diffusion_model
     base = {n: p.detach().clone() for n, p in unet16.named_parameters()}

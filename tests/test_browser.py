@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from graphs import CKPT, RES, install_subject
+from tools.graphs import CKPT, RES, install_subject
 from tools.comfy_server import PACK_DIR_NAME, ComfyServer, ComfyServerError
 from tools.make_tiny_encoders import ensure, stand_in
 

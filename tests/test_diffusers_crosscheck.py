@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_persistence import _pack_module
 
 from tools.benchmark import make_tiny_diffusers
 from tools.benchmark.diffusers_host import DiffusersSD15, ModelFilesError, load_sd15
 from tools.benchmark.train import make_trainer
-from trainer.config import TrainConfig
-from trainer.loop import q_sample
+from lipschitz_personalize.trainer.config import TrainConfig
+from lipschitz_personalize.trainer.loop import q_sample
 
 TOL = 1e-5
+
+pytestmark = pytest.mark.usefixtures("comfy_in_process")  # the pack's ComfyUI side in this process
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("route", ["comfy key map", "single file"])
 def test_both_hosts_predict_the_same_eps(comfy_model, mapped, single_file, route):
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     loaded = adapter.load_for_training(comfy_model[0], torch.float32)
     ours = mapped if route == "comfy key map" else single_file
     x, context = _inputs()
@@ -97,7 +98,7 @@ def test_both_hosts_predict_the_same_eps(comfy_model, mapped, single_file, route
 
 def test_the_noise_schedule_and_noising_are_diffusers(comfy_model, mapped):
     """``q_sample`` with either host's ``abar_t`` is ``DDPMScheduler.add_noise``."""
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     comfy_abar = adapter.alphas_cumprod(comfy_model[0])
     ours = mapped.alphas_cumprod()
     assert ours.shape == comfy_abar.shape == (1000,)
@@ -111,7 +112,7 @@ def test_the_noise_schedule_and_noising_are_diffusers(comfy_model, mapped):
 
 
 def test_both_hosts_encode_prompts_and_photos_alike(comfy_model, single_file):
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     model, clip, vae = comfy_model
     prompt = "a photo of sks dog on the beach"
     theirs, _ = adapter.encode_prompt(clip, prompt)
@@ -134,9 +135,8 @@ def test_five_training_steps_give_the_same_delta_through_both_hosts(comfy_model,
     Adam then divides each gradient by its own magnitude, so an entry whose true gradient is
     at float32 noise level may step the other way: after five steps the deltas agree to 1e-5
     absolute (about 5e-7 measured) and to 1e-4 in relative L2 norm (4e-5 measured)."""
-    adapter = _pack_module("nodes.host.adapter")
-    run = _pack_module("nodes.host.run")
-    config_cls = _pack_module("trainer.config").TrainConfig
+    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import run
     latents, cond = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4)), _inputs(5)[1][:1]
     settings = dict(steps=5, lam=500.0, seed=2025, resolution=64)
     loaded = adapter.load_for_training(comfy_model[0], torch.float32)
@@ -148,7 +148,7 @@ def test_five_training_steps_give_the_same_delta_through_both_hosts(comfy_model,
         return tuple(torch.cat([d[k].detach().reshape(-1) for k in sorted(theirs)]) for d in (mine, theirs))
 
     with torch.inference_mode(False):
-        comfy_trainer = run._trainer(loaded, anchor, latents, cond, None, config_cls(**settings))
+        comfy_trainer = run._trainer(loaded, anchor, latents, cond, None, TrainConfig(**settings))
         ours = make_trainer(mapped, latents, cond, TrainConfig(**settings))
         comfy_trainer.step(), ours.step()
         grad_mine, grad_theirs = flat({k: d.grad for k, d in comfy_trainer.delta.delta.items()},

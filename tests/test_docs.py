@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tools"))
+from tools import render_docs
 
-import render_docs  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_docs_agree_with_the_recorded_measurements():

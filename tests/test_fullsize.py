@@ -20,7 +20,7 @@ from safetensors import safe_open
 from conftest import _ensure_ckpt
 from fault_pack import TRAIN_THREAD
 from fault_pack.harness import check_prompt, file_unet_hash, make_server, rss_bytes, thread_names
-from graphs import install_subject, loader, personalize_inputs
+from tools.graphs import install_subject, loader, personalize_inputs
 
 FULL = "fullsize_sd15_fp16.safetensors"
 GB = 1e9

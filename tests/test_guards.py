@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_persistence import _pack_module
+pytestmark = pytest.mark.usefixtures("comfy_in_process")  # the pack's ComfyUI side in this process
+
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def model(tiny_ckpt):
 
 
 def test_a_dynamic_model_without_a_non_dynamic_copy_is_refused_naming_the_flag(model):
-    adapter = _pack_module("nodes.host.adapter")
-    errors = _pack_module("nodes.host.errors")
+    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.trainer import errors
     dynamic = model.clone()
     dynamic.is_dynamic = lambda: True  # 0.3.75's clone() takes no disable_dynamic
     with pytest.raises(errors.NodeInputError) as err:
@@ -37,7 +38,7 @@ def test_a_dynamic_model_without_a_non_dynamic_copy_is_refused_naming_the_flag(m
 
 def test_a_dynamic_model_is_trained_through_its_non_dynamic_copy(model):
     """Current ComfyUI: ``clone(disable_dynamic=True)`` rebuilds a plain ModelPatcher."""
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     calls = []
 
     class Dynamic(type(model)):
@@ -58,8 +59,8 @@ def test_a_dynamic_model_is_trained_through_its_non_dynamic_copy(model):
 
 
 def test_a_weight_left_off_the_training_device_is_refused_naming_novram(model):
-    adapter = _pack_module("nodes.host.adapter")
-    errors = _pack_module("nodes.host.errors")
+    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.trainer import errors
     unet = model.model.diffusion_model
     named = list(unet.named_parameters())
     adapter.require_on_device(named, torch.device("cpu"))  # all there: no error
@@ -74,7 +75,7 @@ def test_training_under_sage_attention_uses_an_attention_with_a_backward(model, 
     import comfy.ldm.modules.attention as attention
     import comfy.model_management
 
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     calls = []
 
     @attention.wrap_attn

@@ -31,7 +31,7 @@ import yaml
 from packaging.requirements import Requirement
 from PIL import Image
 
-from graphs import CKPT, install_subject, personalize_graph
+from tools.graphs import CKPT, install_subject, personalize_graph
 from tools.comfy_server import ComfyServer
 from tools.setup_comfyui import comfyui_root
 

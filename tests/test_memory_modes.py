@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.compact_adam import BLOCK, FP8, CompactAdam, stochastic_round
-from trainer.config import ConfigError, TrainConfig
-from trainer.delta import ParameterDelta
-from trainer.loop import CachedExamples, RegularizedTrainer
-from trainer.memory import CHOICES, GB, MODES, ORDER, choose, configure, estimate, preflight
+from lipschitz_personalize.trainer.compact_adam import BLOCK, FP8, CompactAdam, stochastic_round
+from lipschitz_personalize.trainer.config import ConfigError, TrainConfig
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
+from lipschitz_personalize.trainer.memory import CHOICES, GB, MODES, ORDER, choose, configure, estimate, preflight
 
 ABAR = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)
 
@@ -231,14 +231,13 @@ def test_preflight_on_the_cpu_refuses_what_no_mode_fits():
     assert preflight("auto", 32 * GB, _sd15_needs(anchor_bytes=0))[0] == "faithful"
 
 
-def test_the_base_fingerprint_is_the_same_for_an_fp32_and_an_fp16_load(tiny_ckpt, tmp_path):
+def test_the_base_fingerprint_is_the_same_for_an_fp32_and_an_fp16_load(tiny_ckpt, tmp_path, comfy_in_process):
     """A delta trained where ComfyUI loads SD1.5 in fp32 (CPU) keys and applies the same where
     it loads it in fp16 (GPU): the fingerprint identifies the checkpoint, not the load dtype."""
     import comfy.sd
     from safetensors.torch import load_file, save_file
-    from test_persistence import _pack_module
 
-    adapter = _pack_module("nodes.host.adapter")
+    from lipschitz_personalize.nodes.host import adapter
     # An fp32 file whose values fp16 cannot hold exactly, as v1-5-pruned-emaonly's.
     g = torch.Generator().manual_seed(0)
     fp32 = {k: (v.float() * (1 + 1e-4 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v)

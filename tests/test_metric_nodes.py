@@ -1,4 +1,4 @@
-"""The metric nodes: their machinery in-process (``nodes/host/evaluation.py``, the table and
+"""The metric nodes: their machinery in-process (``trainer/evaluation/evaluate.py``, the table and
 grid drawing) and the nodes themselves through a real ComfyUI server, with the tiny random
 encoders linked into its ``models/eval`` under the real models' names."""
 from __future__ import annotations
@@ -10,18 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from graphs import install_subject
-from test_persistence import _pack_module
+from tools.graphs import install_subject
+from lipschitz_personalize.trainer.errors import NodeInputError
+from lipschitz_personalize.trainer.evaluation import encoders, scores
+from lipschitz_personalize.trainer.evaluation import evaluate as evaluation
+from lipschitz_personalize.trainer.render import grid
 from tools.make_tiny_encoders import ensure, stand_in
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_DIR = REPO / ".comfyui" / "models" / "eval"  # `make tiny-encoders`
 
-evaluation = _pack_module("nodes.host.evaluation")
-grid = _pack_module("nodes.host.grid")
-encoders = _pack_module("trainer.evaluation.encoders")
-scores = _pack_module("trainer.evaluation.scores")
-NodeInputError = _pack_module("nodes.host.errors").NodeInputError
 
 
 @pytest.fixture(scope="module")

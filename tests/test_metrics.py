@@ -19,8 +19,8 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, Dinov2Con
 
 from tools.make_tiny_encoders import write
 from tools.setup_comfyui import comfyui_root
-from trainer.evaluation import scores
-from trainer.evaluation.encoders import ClipEncoder, DinoEncoder, EncoderError, _vit_arch, load_encoder
+from lipschitz_personalize.trainer.evaluation import scores
+from lipschitz_personalize.trainer.evaluation.encoders import ClipEncoder, DinoEncoder, EncoderError, _vit_arch, load_encoder
 
 TOKENIZER = comfyui_root() / "comfy" / "sd1_tokenizer"
 

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from trainer.delta import ParameterDelta
-from trainer.config import REGULARIZERS as KINDS, ConfigError, TrainConfig
-from trainer.loop import CachedExamples, RegularizedTrainer, q_sample
-from trainer.objective import Regularizer, denoise_loss, paper_regularizer
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer.config import REGULARIZERS as KINDS, ConfigError, TrainConfig
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer, q_sample
+from lipschitz_personalize.trainer.objective import Regularizer, denoise_loss, paper_regularizer
 
 from tiny_models import make_problem
 

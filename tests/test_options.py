@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import ConfigError, TrainConfig
-from trainer.delta import ParameterDelta
-from trainer import job
-from trainer.lowrank import LowRankDelta
-from trainer.loop import CachedExamples, RegularizedTrainer
-from trainer.objective import paper_regularizer
+from lipschitz_personalize.trainer.config import ConfigError, TrainConfig
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer import job
+from lipschitz_personalize.trainer.lowrank import LowRankDelta
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
+from lipschitz_personalize.trainer.objective import paper_regularizer
 
 from tiny_models import make_problem
 

@@ -1,12 +1,10 @@
 """Files we write: atomic, checksummed, refused when damaged; no pickle; safe names and folders.
 
-Unit tests of :mod:`trainer.persist` and of the file checks in ``nodes/host/delta_file.py``,
-``nodes/host/folders.py`` and ``nodes/host/images.py`` (imported in-process with ComfyUI on the path, no server).
+Unit tests of :mod:`trainer.persist` and of the file checks in ``trainer/files/delta_file.py``,
+``trainer/render/images.py`` and ``nodes/host/folders.py`` (the last with ComfyUI in-process, no server).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import random
@@ -23,37 +21,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lipschitz_personalize.trainer import persist
+from lipschitz_personalize.trainer.errors import NodeInputError
+from lipschitz_personalize.trainer.files import delta_file
+from lipschitz_personalize.trainer.render import images
+from tools.pack_import import subprocess_env
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACK = "lipschitz_pack_under_test"
-
-
-def _pack_module(name: str):
-    """``<pack>.<name>`` imported from this checkout, whatever its folder is called."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.{name}")
 
 
 @pytest.fixture
-def persist():
-    return _pack_module("trainer.persist")
-
-
-@pytest.fixture
-def delta_file():
-    return _pack_module("nodes.host.delta_file")
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, comfy_in_process):
     """``nodes.host.folders`` with ``models/lipschitz_deltas`` under ``tmp_path``."""
     import folder_paths
 
-    mod = _pack_module("nodes.host.folders")
+    from lipschitz_personalize.nodes.host import folders as mod
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, mod.FOLDER,
                         ([str(tmp_path / "models" / mod.FOLDER)], {".safetensors"}))
@@ -68,7 +50,7 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # -- round trip and checksum ----------------------------------------------------------------
-def test_round_trip_is_exact_and_carries_a_checksum(tmp_path, persist):
+def test_round_trip_is_exact_and_carries_a_checksum(tmp_path):
     t = _tensors()
     path = persist.save_verified(tmp_path / "x.safetensors", t, {"k": "v"})
     loaded, meta = persist.load_verified(path)
@@ -77,7 +59,7 @@ def test_round_trip_is_exact_and_carries_a_checksum(tmp_path, persist):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"], "no temporary file may remain"
 
 
-def test_trainer_state_survives_flatten_save_load_unflatten(tmp_path, persist):
+def test_trainer_state_survives_flatten_save_load_unflatten(tmp_path):
     model = torch.nn.Linear(4, 3)
     names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -123,7 +105,7 @@ def _damaged_variants(good: bytes) -> dict[str, bytes]:
     return variants
 
 
-def test_every_damaged_variant_is_detected(tmp_path, persist):
+def test_every_damaged_variant_is_detected(tmp_path):
     good = persist.save_verified(tmp_path / "good.safetensors", _tensors(), {"k": "v"}).read_bytes()
     variants = _damaged_variants(good)
     for label, data in variants.items():
@@ -133,13 +115,13 @@ def test_every_damaged_variant_is_detected(tmp_path, persist):
             persist.load_verified(path)
 
 
-def test_a_file_without_our_checksum_is_refused(tmp_path, persist):
+def test_a_file_without_our_checksum_is_refused(tmp_path):
     save_file(_tensors(), str(tmp_path / "foreign.safetensors"), metadata={"k": "v"})
     with pytest.raises(persist.CorruptFileError, match="checksum"):
         persist.load_verified(tmp_path / "foreign.safetensors")
 
 
-def test_a_changed_tensor_with_the_old_checksum_is_refused(tmp_path, persist):
+def test_a_changed_tensor_with_the_old_checksum_is_refused(tmp_path):
     path = persist.save_verified(tmp_path / "x.safetensors", _tensors(), {})
     meta = persist.read_metadata(path)
     changed = _tensors()
@@ -149,7 +131,7 @@ def test_a_changed_tensor_with_the_old_checksum_is_refused(tmp_path, persist):
         persist.load_verified(path)
 
 
-def test_edited_metadata_is_refused(tmp_path, persist):
+def test_edited_metadata_is_refused(tmp_path):
     path = persist.save_verified(tmp_path / "x.safetensors", _tensors(), {"steps_done": "3"})
     data = path.read_bytes()
     path.write_bytes(data.replace(b'"steps_done":"3"', b'"steps_done":"7"', 1))
@@ -158,7 +140,7 @@ def test_edited_metadata_is_refused(tmp_path, persist):
 
 
 # -- a crash while writing never leaves a file that loads ---------------------------------------
-def test_a_failing_write_keeps_the_previous_file_and_leaves_nothing_behind(tmp_path, persist, monkeypatch):
+def test_a_failing_write_keeps_the_previous_file_and_leaves_nothing_behind(tmp_path, monkeypatch):
     path = persist.save_verified(tmp_path / "x.safetensors", _tensors(1), {"v": "1"})
 
     def broken(tensors, filename, metadata=None):
@@ -186,10 +168,9 @@ def test_a_failing_write_keeps_the_previous_file_and_leaves_nothing_behind(tmp_p
 
 WRITER = textwrap.dedent(r"""
     import os, signal, sys
-    sys.path.insert(0, sys.argv[1])
     import torch
-    from trainer import persist
-    path, mode = sys.argv[2], sys.argv[3]
+    from lipschitz_personalize.trainer import persist
+    path, mode = sys.argv[1], sys.argv[2]
     real = persist.save_file
     if mode == "die-mid-write":
         def save_file(tensors, filename, metadata=None):
@@ -212,11 +193,11 @@ WRITER = textwrap.dedent(r"""
 def _writer(tmp_path: Path, target: Path, mode: str) -> subprocess.Popen:
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    return subprocess.Popen([sys.executable, str(script), str(REPO_ROOT), str(target), mode],
+    return subprocess.Popen([sys.executable, str(script), str(target), mode], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_process_killed_mid_write_leaves_the_old_file_and_only_an_unloadable_temp(tmp_path, persist, store):
+def test_a_process_killed_mid_write_leaves_the_old_file_and_only_an_unloadable_temp(tmp_path, store):
     folder = store.delta_dir()
     target = folder / "auto_0123456789abcdef01234567.safetensors"
     persist.save_verified(target, {"x": torch.full((1 << 20,), 1.0)}, {"i": "1"})
@@ -232,7 +213,7 @@ def test_a_process_killed_mid_write_leaves_the_old_file_and_only_an_unloadable_t
     assert store.delta_files() == [target.name], "a temporary file must never be offered as a delta"
 
 
-def test_kills_at_random_moments_always_leave_a_complete_verified_file(tmp_path, persist):
+def test_kills_at_random_moments_always_leave_a_complete_verified_file(tmp_path):
     target = tmp_path / "x.safetensors"
     rng = random.Random(1234)
     for _ in range(6):
@@ -259,10 +240,9 @@ def _good_delta(delta_file, value: float = 0.5):
     return delta_file.TrainedDelta({n: torch.full(s, value) for n, s in _names_shapes().items()}, {"steps_done": "3"})
 
 
-def test_delta_file_round_trip_and_refusals(tmp_path, store, delta_file):
+def test_delta_file_round_trip_and_refusals(tmp_path, store):
     from safetensors.torch import save_file as raw_save
 
-    NodeInputError = _pack_module("nodes.host.errors").NodeInputError
     shapes = _names_shapes()
     written = _good_delta(delta_file)
     good = delta_file.save_delta_file(store.delta_dir() / "good.safetensors", written)
@@ -270,7 +250,6 @@ def test_delta_file_round_trip_and_refusals(tmp_path, store, delta_file):
     assert delta.tensors.keys() == shapes.keys() and not extra and delta.steps_done == 3
     assert all(torch.equal(delta.tensors[n], written.tensors[n]) for n in shapes)
 
-    persist = _pack_module("trainer.persist")
     cases = {}
     wrong_keys = {"diffusion_model.nonexistent.diff": torch.zeros(3)}
     cases["wrong keys"] = persist.save_verified(store.delta_dir() / "wrong_keys.safetensors", wrong_keys, {})
@@ -309,8 +288,6 @@ def test_user_file_names_are_reduced_to_one_safe_component(store):
 
 
 def test_reference_folders_outside_the_input_directory_are_refused(tmp_path):
-    images = _pack_module("nodes.host.images")
-    NodeInputError = _pack_module("nodes.host.errors").NodeInputError
     root = tmp_path / "input"
     (root / "ok" / "nested").mkdir(parents=True)
     (tmp_path / "secret").mkdir()
@@ -377,7 +354,7 @@ ROUTE = re.compile(r"\. routes\b|\b(add_route|add_get|add_post|add_static|RouteT
 ALLOWED_ROUTES: dict[str, set[str]] = {"nodes/host/routes.py": {"GET /lipschitz/status"}}
 
 
-def test_the_pack_registers_no_unreviewed_http_route():
+def test_the_pack_registers_no_unreviewed_http_route(comfy_in_process):
     found: dict[str, list[str]] = {}
     for p in _product_python_files():
         rel = p.relative_to(REPO_ROOT).as_posix()
@@ -387,7 +364,8 @@ def test_the_pack_registers_no_unreviewed_http_route():
     unreviewed = {f: c for f, c in found.items() if f not in ALLOWED_ROUTES}
     assert not unreviewed, ("new HTTP route(s): validate every input, read/write no user-given path, add a test and "
                             f"an entry in the README's threat model, then list it in ALLOWED_ROUTES: {unreviewed}")
-    routes = _pack_module("nodes.host.routes")
+    from lipschitz_personalize.nodes.host import routes
+
     assert {f"GET {routes.PATH}"} == ALLOWED_ROUTES["nodes/host/routes.py"]
     assert sum(len(c) for c in found.values()) == 1, found  # one registration call
 
@@ -396,9 +374,9 @@ def test_every_file_the_product_writes_goes_through_the_atomic_writer():
     """Temp file + fsync + rename with a checksum: only trainer/persist.py writes files."""
     writers = re.compile(r"\bsave_file \(|\. write_(bytes|text) \(|\bopen \(.*['\"][wax]|\. save \(|"
                          r"\bos \. (rename|replace)\b|\bshutil \.")
-    # tools/ are developer scripts; trainer/toy.py is the 2-D toy experiment's CLI (plots, report).
+    # tools/ are developer scripts (the toy experiment's figures and report among them).
     hits = [f"{p.relative_to(REPO_ROOT)}:{n}: {code}" for p in _product_python_files()
-            if p.relative_to(REPO_ROOT).parts[0] != "tools" and p.name != "toy.py"
+            if p.relative_to(REPO_ROOT).parts[0] != "tools"
             for n, code in _code(p) if writers.search(code)]
     assert hits and all(h.startswith("trainer/persist.py:") for h in hits), hits
 
@@ -438,7 +416,7 @@ def test_a_bad_cache_cap_falls_back_to_the_default(store, monkeypatch):
     assert store.auto_cache_cap() == int(store.DEFAULT_AUTO_CACHE_GB * 1e9)
 
 
-def test_compact_moments_round_trip_close_and_never_zero_the_second_moment(persist):
+def test_compact_moments_round_trip_close_and_never_zero_the_second_moment():
     g = torch.Generator().manual_seed(3)
     m = torch.randn(37, 300, generator=g) * torch.logspace(-9, -5, 300)  # decades apart within a block
     v = (torch.randn(37, 300, generator=g) * torch.logspace(-8, -4, 300)) ** 2
@@ -453,7 +431,7 @@ def test_compact_moments_round_trip_close_and_never_zero_the_second_moment(persi
     assert (back_v > 0).all()
 
 
-def test_compact_trainer_state_is_a_quarter_of_the_moments_and_resumes(tmp_path, persist):
+def test_compact_trainer_state_is_a_quarter_of_the_moments_and_resumes(tmp_path):
     model = torch.nn.Linear(256, 128)
     names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

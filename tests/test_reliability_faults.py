@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fault_pack.harness import check_prompt, file_unet_hash, make_server, process_info, rss_bytes
-from graphs import CKPT, DATA, RES, personalize_inputs
-from trainer.persist import load_verified, read_metadata
+from tools.graphs import CKPT, DATA, RES, personalize_inputs
+from lipschitz_personalize.trainer.persist import load_verified, read_metadata
 
 TRAIN_THREAD = "lipschitz-train"
 RESUME_TOLERANCE = 0.05  # compact resume (fp16 delta, 8-bit moments): relative distance to the straight run

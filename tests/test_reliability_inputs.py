@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 from fault_pack.harness import (check_prompt, file_unet_hash, make_server, node_errors_text,
                                 run_expect_error)
-from graphs import CKPT, DATA, RES, personalize_inputs
+from tools.graphs import CKPT, DATA, RES, personalize_inputs
 from tools.comfy_server import ComfyServerError
-from trainer.persist import load_verified, save_verified
+from lipschitz_personalize.trainer.persist import load_verified, save_verified
 
 SDXL = "tiny_sdxl.safetensors"
 LONG_PROMPT = "a photo of sks dog " + " ".join(["sitting on a red velvet sofa in a sunlit room"] * 12)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from graphs import CKPT, DATA, install_subject, personalize_graph, sample
+from tools.graphs import CKPT, DATA, install_subject, personalize_graph, sample
 
 NODE_IDS = {"LipschitzLoadReferenceImages", "LipschitzPersonalize", "LipschitzSaveDelta",
             "LipschitzApplyDelta", "LipschitzTrainingReport"}
@@ -155,7 +155,7 @@ def test_interrupt_stops_within_a_step_saves_the_partial_and_the_server_goes_on(
     assert max(seen) <= 5, "training went on after the interrupt"
     partials = list((server.base_dir / "models" / "lipschitz_deltas").glob("partial_*.safetensors"))
     assert partials
-    from trainer.persist import read_metadata
+    from lipschitz_personalize.trainer.persist import read_metadata
     meta = read_metadata(max(partials, key=lambda p: p.stat().st_mtime))
     assert meta["status"] == "interrupted" and 3 <= int(meta["steps_done"]) <= 5
     _run_ok(client, sample(personalize_graph("after", steps=2, seed=15), ["train", 0], "after_tuned"))

@@ -7,10 +7,10 @@ import traceback
 import pytest
 import torch
 
-from trainer.delta import ParameterDelta
-from trainer import job
-from trainer.config import TrainConfig
-from trainer.loop import CachedExamples, RegularizedTrainer
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer import job
+from lipschitz_personalize.trainer.config import TrainConfig
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
 
 from tiny_models import make_problem
 

@@ -8,7 +8,6 @@ linked under the real models' names the workflows load.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from graphs import CKPT, install_subject
+from lipschitz_personalize.trainer.render import grid
 from tools.comfy_server import PACK_DIR_NAME
+from tools.graphs import CKPT, install_subject
 from tools.make_tiny_encoders import ensure, stand_in
 from tools.workflow_convert import (WorkflowConversionError, apply_overrides, convert, output_nodes,
                                     small_run_overrides, widget_inputs, widget_layout)
@@ -28,16 +28,6 @@ EVAL_DIR = REPO / ".comfyui" / "models" / "eval"  # `make tiny-encoders`
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 RES = 64         # training resolution (the node's minimum)
 SAMPLE_RES = 32  # sampling: 4x4 latents, the VAE decode dominates a tiny run
-
-
-def _load_grid_module():
-    spec = importlib.util.spec_from_file_location("lipschitz_grid_under_test", REPO / "nodes" / "host" / "grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-grid = _load_grid_module()
 
 
 # --------------------------------------------------------------------------------------------

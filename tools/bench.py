@@ -23,7 +23,7 @@ latents, batch 1, fp32, gradient checkpointing on (the paper's and the node's de
   activations that training adds, not torch itself.
 * node: ``LipschitzPersonalize`` through a real ComfyUI server (node wall time, from the
   websocket's ``executing`` messages) / the bare trainer loop for the same steps.
-* toy: wall time of ``trainer.toy.run_toy`` (the full toy reproduction, one seed).
+* toy: wall time of ``tools/toy``'s ``run_toy`` (the full toy reproduction, one seed).
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def memory_child(spec: dict, latent: int, steps: int) -> None:
     """One training configuration in this (fresh) process; prints its added peak memory."""
     comfy_ready(cpu=True)
     import torch  # noqa: F401
-    import trainer.loop  # noqa: F401
+    import lipschitz_personalize.trainer.loop  # noqa: F401
     from bench_models import ReferenceTrainer, make_trainer, make_unet
 
     import comfy.ldm.modules.diffusionmodules.openaimodel  # noqa: F401
@@ -213,8 +213,7 @@ def node(args: argparse.Namespace) -> None:
     from bench_models import make_trainer, make_unet
     from comfy_server import ComfyServer
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from graphs import install_subject, loader  # type: ignore[import-not-found]
+    from graphs import install_subject, loader
 
     steps, res = args.node_steps, args.latent * 8
 
@@ -269,15 +268,11 @@ def node(args: argparse.Namespace) -> None:
 
 # -- the toy --------------------------------------------------------------------------------
 def toy(args: argparse.Namespace) -> None:
-    try:
-        from trainer.toy import run_toy
-    except ImportError as exc:
-        emit("toy_seconds", None, skipped=f"trainer.toy not available: {exc}")
-        return
+    from tools.toy.experiment import ToyConfig, run_toy
+
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as tmp:
         t0 = time.perf_counter()
-        kw = {} if args.toy_full else {"pretrain_epochs": 200, "finetune_epochs": 500}
-        run_toy(tmp, **kw)
+        run_toy(ToyConfig() if args.toy_full else ToyConfig(pretrain_epochs=200, finetune_epochs=500), tmp)
         seconds = time.perf_counter() - t0
     emit("toy_seconds", seconds, unit="s", machine=MACHINE, schedule="full (1000/5000 epochs)" if args.toy_full
          else "short (200/500 epochs, as tests/test_toy.py)")

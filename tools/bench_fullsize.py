@@ -23,7 +23,7 @@ paper's lr and lambda, and the full-size one after the disk section's 2 steps.
 
 **Disk.** The full-size U-Net (859.5M parameters, random seeded weights, no download) trains 2 steps at 64 px on the CPU with Adam stepped in backward (the same delta and
 moments as the default update, one parameter-sized buffer less), then the pack's own writer
-(``nodes/host/delta_file.py``) saves the finished run and the stopped run in the default
+(``trainer/files/delta_file.py``) saves the finished run and the stopped run in the default
 ``delta_dtype`` into a temporary folder.  One JSON line per figure: ``disk_gb_finished`` and
 ``disk_gb_stopped`` (targets 1.8 and 3.6 GB), and the same for ``delta_dtype=fp32``.  The
 figures are also recorded in ``docs/bench_fullsize.json`` (with date and command), from which
@@ -104,7 +104,7 @@ def peaks(modes: list[str], fp16_checkpoint: bool = False) -> None:
     """``peak_gb_<mode>`` at 512 px from the two measured sizes, and the measured points
     (``fp16_checkpoint``: ``faithful``/``lean`` anchored on an fp16 file's values, named
     ``peak_gb_<mode>_fp16_checkpoint``)."""
-    from trainer.memory import MODES
+    from lipschitz_personalize.trainer.memory import MODES
 
     small, large = MEASURED_PX
     for mode in modes:
@@ -129,7 +129,7 @@ def peaks(modes: list[str], fp16_checkpoint: bool = False) -> None:
 
 def _estimate_gb(mode: str, px: int, child: dict) -> float:
     """The pre-flight estimate (:func:`trainer.memory.estimate`) of the same run."""
-    from trainer.memory import estimate
+    from lipschitz_personalize.trainer.memory import estimate
 
     return round(estimate(mode, child["params"], child["largest"], child["anchor_bytes"], px).total / 1e9, 2)
 
@@ -138,10 +138,9 @@ def disk() -> None:
     import torch
 
     comfy_ready(cpu=True)
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from test_persistence import _pack_module  # the pack imported as ComfyUI imports it
+    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.trainer.files import delta_file
 
-    delta_file = _pack_module("nodes.host.delta_file")
     unet = make_unet(tiny=False)
     params = sum(p.numel() for p in unet.parameters())
     trainer = make_trainer(unet, latent=8, steps=2, step_in_backward=True)
@@ -165,7 +164,6 @@ def disk() -> None:
                  moments=delta_file.moment_format(dtype_name))
             finished.unlink()
             stopped.unlink()
-    adapter = _pack_module("nodes.host.adapter")
     emit("patch_loss_fp16_fullsize", adapter.patch_loss(unet, trainer.delta.state_dict(), torch.float16), "ratio",
          method="||applied - delta|| / ||delta|| of ComfyUI's diff patch on the fp16-stored full-size U-Net "
                 "(random weights) after 2 steps at lr 2e-6 (sampled estimate)")
@@ -177,10 +175,8 @@ def sampling() -> None:
     import torch
 
     comfy_ready(cpu=True)
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from test_persistence import _pack_module
+    from lipschitz_personalize.nodes.host import adapter
 
-    adapter = _pack_module("nodes.host.adapter")
     unet = make_unet(tiny=True)
     lengths = (20, 200, 500)  # 1000, the paper's, takes ~15 min on 2 cores: not in the default bench
     trainer = make_trainer(unet, latent=8, steps=1000)
@@ -195,7 +191,7 @@ def sampling() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.memory import MODES, ORDER
+    from lipschitz_personalize.trainer.memory import MODES, ORDER
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("peaks", "disk", "sampling"))

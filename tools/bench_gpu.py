@@ -74,7 +74,7 @@ class Bench:
         """Train ``steps`` (+ ``warmup``) steps of ``mode``; time, peak and the final delta."""
         torch = self.torch
         from bench_models import make_unet, mode_trainer
-        from trainer.memory import MODES
+        from lipschitz_personalize.trainer.memory import MODES
 
         self._reset()
         unet = make_unet(tiny=self.args.tiny, device=self.args.device, init=False)
@@ -134,7 +134,7 @@ def compare(delta: dict, reference: dict) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     import bench_models  # noqa: F401 - puts the repository on sys.path
-    from trainer.memory import ORDER
+    from lipschitz_personalize.trainer.memory import ORDER
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")

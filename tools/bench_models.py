@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(REPO_ROOT), str(REPO_ROOT / "tools")):
+for _p in (str(REPO_ROOT), str(REPO_ROOT / "tools")):  # tools.* and the scripts beside this one
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from pack_import import add_to_sys_path  # noqa: E402
 from setup_comfyui import use_comfy_in_process  # noqa: E402
+
+add_to_sys_path()  # the pack as lipschitz_personalize
 
 # comfy/model_detection.py's reading of the SD1.5 checkpoint + supported_models.SD15's extras.
 SD15_FULL = dict(
@@ -88,7 +91,7 @@ def sd_abar() -> Tensor:
 
 
 def make_data(latent: int, device: str | torch.device, images: int = 4, seed: int = 1):
-    from trainer.loop import CachedExamples
+    from lipschitz_personalize.trainer.loop import CachedExamples
 
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(images, 4, latent, latent, generator=g).to(device)
@@ -106,10 +109,10 @@ def make_trainer(unet: nn.Module, latent: int, *, lam: float = 500.0, checkpoint
                  lowrank: int = 0, steps: int = 1000, lr: float = 2e-6, **options: Any):
     """A :class:`trainer.loop.RegularizedTrainer` on ``unet`` with the given
     :class:`~trainer.config.TrainConfig` options."""
-    from trainer.config import TrainConfig
-    from trainer.delta import ParameterDelta
-    from trainer.loop import RegularizedTrainer
-    from trainer.lowrank import LowRankDelta
+    from lipschitz_personalize.trainer.config import TrainConfig
+    from lipschitz_personalize.trainer.delta import ParameterDelta
+    from lipschitz_personalize.trainer.loop import RegularizedTrainer
+    from lipschitz_personalize.trainer.lowrank import LowRankDelta
 
     device = next(unet.parameters()).device
     delta = LowRankDelta(unet, rank=lowrank) if lowrank else ParameterDelta(unet)
@@ -124,10 +127,10 @@ def mode_trainer(unet: nn.Module, mode: str, latent: int, **overrides: Any):
     gradient checkpointing, lambda 500, lr 2e-6 and ``overrides`` of the mode's options."""
     import dataclasses
 
-    from trainer.config import TrainConfig
-    from trainer.delta import ParameterDelta
-    from trainer.loop import RegularizedTrainer
-    from trainer.memory import configure
+    from lipschitz_personalize.trainer.config import TrainConfig
+    from lipschitz_personalize.trainer.delta import ParameterDelta
+    from lipschitz_personalize.trainer.loop import RegularizedTrainer
+    from lipschitz_personalize.trainer.memory import configure
 
     config = dataclasses.replace(configure(TrainConfig(steps=1000, lr=2e-6, lam=500.0), mode), **overrides)
     device = next(unet.parameters()).device
@@ -143,8 +146,8 @@ class ReferenceTrainer:
 
     def __init__(self, unet: nn.Module, latent: int, lam: float = 500.0, lr: float = 2e-6,
                  checkpointing: bool = True, seed: int = 2025) -> None:
-        from trainer.objective import denoise_loss, paper_regularizer
-        from trainer.loop import q_sample
+        from lipschitz_personalize.trainer.objective import denoise_loss, paper_regularizer
+        from lipschitz_personalize.trainer.loop import q_sample
 
         self.unet = unet.requires_grad_(True)
         self.frozen = [p.detach().clone() for p in unet.parameters()]

@@ -25,7 +25,7 @@ from torch import nn
 
 
 def wrapper_delta_class():
-    from trainer.delta import ParameterDelta, _checkpointed
+    from lipschitz_personalize.trainer.delta import ParameterDelta, _checkpointed
 
     class WrapperDelta(ParameterDelta):
         """``theta0 + delta`` through ComfyUI's per-layer weight/bias functions."""
@@ -59,9 +59,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of 5 steps each way")
     args = p.parse_args()
     comfy_ready(cpu=True)
-    from trainer.config import TrainConfig
-    from trainer.delta import ParameterDelta
-    from trainer.loop import RegularizedTrainer
+    from lipschitz_personalize.trainer.config import TrainConfig
+    from lipschitz_personalize.trainer.delta import ParameterDelta
+    from lipschitz_personalize.trainer.loop import RegularizedTrainer
 
     unet = make_unet(tiny=True)
     trainers = {kind: RegularizedTrainer(eps_fn(unet), cls(unet), sd_abar(), make_data(args.latent, "cpu"),

@@ -5,7 +5,7 @@
     python tools/render_docs.py --check   # exit 1 (and say which block) if a doc disagrees
 
 Sources: ``docs/bench_cpu.json`` (``tools/bench.py`` merges every figure it measures into it,
-with the date, machine and command) and ``docs/toy.json`` (``python -m trainer.toy --seeds 0-7
+with the date, machine and command) and ``docs/toy.json`` (``python -m tools.toy --seeds 0-7
 --compare-sum-sq 50 1000 10000 --out docs``).  A block
 is the text between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``; the
 rest of each document is prose, which must not quote these numbers itself.
@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
+if str(REPO_ROOT) not in sys.path:  # run as a script: tools.* importable as in the tests
     sys.path.insert(0, str(REPO_ROOT))
+
+from tools.pack_import import add_to_sys_path  # noqa: E402
+
+add_to_sys_path()  # the pack as lipschitz_personalize
 
 BENCH = REPO_ROOT / "docs" / "bench_cpu.json"
 FULLSIZE = REPO_ROOT / "docs" / "bench_fullsize.json"
@@ -129,7 +133,7 @@ def _fullsize_figures() -> dict[str, dict[str, Any]]:
 
 def perf_peaks() -> str:
     """The memory modes on the full-size U-Net (CPU): the budget term by term beside the measure."""
-    from trainer.memory import MODES, ORDER, estimate
+    from lipschitz_personalize.trainer.memory import MODES, ORDER, estimate
 
     figures = _fullsize_figures()
     lines = ["| mode | anchor | budget at 512 px (GB): anchor + delta + gradients + Adam + activations + other "
@@ -216,7 +220,7 @@ def perf_gpu() -> str:
 def vram_modes() -> str:
     """README's per-mode table: what each memory mode changes (trainer/memory.py) and what it
     held on a GPU (the current recipe's run in docs/gpu/)."""
-    from trainer.memory import MODES
+    from lipschitz_personalize.trainer.memory import MODES
 
     current = {mode: f for _, mode, label, f in _gpu_modes() if label == mode}
     cpu = _fullsize_figures()
@@ -240,13 +244,13 @@ def vram_modes() -> str:
 
 
 def _toy(render_name: str) -> Callable[[], str]:
-    """A table of trainer/toy.py's, rendered from docs/toy.json."""
+    """A table of tools/toy/tables.py's, rendered from docs/toy.json."""
     def render() -> str:
-        from trainer import toy
+        from tools.toy import tables
 
         if not TOY.exists():
-            return "No toy run recorded: run `python -m trainer.toy --seeds 0-7 --out docs`.\n"
-        return getattr(toy, render_name)(json.loads(TOY.read_text())).rstrip("\n") + "\n"
+            return "No toy run recorded: run `python -m tools.toy --seeds 0-7 --out docs`.\n"
+        return getattr(tables, render_name)(json.loads(TOY.read_text())).rstrip("\n") + "\n"
 
     return render
 

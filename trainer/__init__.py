@@ -1,6 +1,7 @@
 """Lipschitz-regularized personalization of diffusion models, in pure PyTorch (the paper).
 
-Nothing in this package imports ComfyUI or diffusers: the hosts adapt their objects to it.
+Everything that needs no ComfyUI; nothing here imports ComfyUI or diffusers (the hosts adapt
+their objects to it; ``tests/test_architecture.py`` enforces it).
 
 * :mod:`trainer.config` - :class:`TrainConfig`: the paper's defaults and their validation.
 * :mod:`trainer.objective` - ``L_denoise + lambda * L_lip`` and the closed-form gradient of
@@ -9,10 +10,14 @@ Nothing in this package imports ComfyUI or diffusers: the hosts adapt their obje
   a module without writing the base weights.
 * :mod:`trainer.loop` - Algorithm 1: one regularized training step.
 * :mod:`trainer.metrics` - what a step reports, and a run's log of it.
-* :mod:`trainer.job` - the background thread: progress, cancel, errors handed back.
+* :mod:`trainer.job` - the run in the caller's thread (ComfyUI's worker thread): progress, cancel, errors handed back.
 * :mod:`trainer.persist` - atomic, checksummed safetensors files and the resume state.
+* :mod:`trainer.files` - the delta file format (diff keys, metadata, the resume state).
+* :mod:`trainer.evaluation` - the paper's DINO, CLIP-I, CLIP-T and drift scores, and the
+  metrics rows and tables the nodes show.
+* :mod:`trainer.render` - photos in; the report's charts, grids and tables out (Pillow).
+* :mod:`trainer.errors` - the user-facing input error: which input, what is wrong, the fix.
 
 Options, beside the main path: :mod:`trainer.optim` (Adam kernels, Adam stepped inside
 backward), :mod:`trainer.lowrank` (a rank-r delta, not the paper's full fine-tune).
-:mod:`trainer.toy` is the 2-D reproduction of the paper's section 4.3.
 """

@@ -18,8 +18,8 @@ import comfy.supported_models
 import folder_paths
 from safetensors import safe_open
 
-from .delta_file import PATCH_PREFIX
-from .errors import NodeInputError
+from ...trainer.files.delta_file import PATCH_PREFIX
+from ...trainer.errors import NodeInputError
 
 
 # -- the model ---------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """One personalization inside ComfyUI: validate, reuse a finished run, or train, resume and save.
 
-The seam between the two sides: the only module that imports both ComfyUI and :mod:`trainer`.
 A :class:`RunSpec` is what the node was given; :func:`personalize` checks it before any work,
 encodes the photos and prompt once, loads ``auto_<key>`` when the same run finished before,
 and otherwise trains (:func:`trainer.job.run`) in ComfyUI's worker thread, relaying progress
@@ -19,24 +18,19 @@ from torch import Tensor
 
 import comfy.model_management
 
-from ...trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, ConfigError, TrainConfig
-from ...trainer.delta import ParameterDelta
 from ...trainer import job
-from ...trainer.memory import CHOICES as MEMORY_CHOICES
-from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
+from ...trainer.config import ConfigError, TrainConfig
+from ...trainer.delta import ParameterDelta
+from ...trainer.errors import NodeInputError
+from ...trainer.files.delta_file import (DEFAULT_DELTA_DTYPE, DELTA_DTYPES, TrainedDelta, file_nbytes, load_delta_file,
+                                         moment_format, run_key, save_delta_file, trainer_state)
 from ...trainer.loop import CachedExamples, RegularizedTrainer
+from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
 from ...trainer.metrics import TrainingLog
+from ...trainer.render.images import resize_batch
 from . import adapter
-from .delta_file import (DEFAULT_DELTA_DTYPE, DELTA_DTYPES, TrainedDelta, file_nbytes, load_delta_file,
-                         moment_format, run_key, save_delta_file, trainer_state)
-from .errors import NodeInputError
 from .folders import auto_path, evict_auto, gb, mark_used, partial_path
-from .images import resize_batch
 from .progress import NodeProgress
-
-SAMPLING = adapter.SAMPLING
-__all__ = ["DEFAULTS", "DEFAULT_DELTA_DTYPE", "DELTA_DTYPES", "MEMORY_CHOICES", "MODES", "PRECISIONS", "REGULARIZERS",
-           "RunSpec", "SAMPLING", "TrainConfig", "personalize"]
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

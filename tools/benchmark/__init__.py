@@ -6,4 +6,10 @@
 * :mod:`.job` - one (subject, lambda): train, sample, score with :mod:`trainer.evaluation`.
 * :mod:`.runner` - the jobs, resume, results.csv / summary.md / plot; :mod:`.ray_jobs` - the same on Ray.
 * :mod:`.make_tiny_diffusers` - tiny random diffusers SD1.5 for the smoke run and the tests.
+
+The pack is imported as ``lipschitz_personalize`` (:mod:`tools.pack_import`), whatever the
+checkout's folder is called.
 """
+from ..pack_import import add_to_sys_path
+
+add_to_sys_path()

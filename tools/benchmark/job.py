@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from trainer.config import TrainConfig
-from trainer.evaluation.encoders import load_encoder
-from trainer.evaluation.scores import drift, inception_fid, prompt_fidelity, strip_token, subject_fidelity
+from lipschitz_personalize.trainer.config import TrainConfig
+from lipschitz_personalize.trainer.evaluation.encoders import load_encoder
+from lipschitz_personalize.trainer.evaluation.scores import drift, inception_fid, prompt_fidelity, strip_token, subject_fidelity
 
 from . import protocol
 from .diffusers_host import DiffusersSD15, load_sd15

@@ -10,7 +10,6 @@ files after every run, also atomically.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -23,9 +22,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lipschitz_personalize.trainer.render import plot as charts
+
 from .job import Job, Settings, jobs_dir, run_job, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ("subject", "lambda", "dino", "clip_i", "clip_t", "drift_fd", "drift_kid", "drift_cos",
            "drift_fid_inception", "train_seconds", "sample_seconds", "steps", "images", "drift_images", "attempt",
            "class", "device", "clip_encoder", "dino_encoder")
@@ -198,15 +198,6 @@ def summary(settings: Settings, rows: Sequence[dict], failures: Sequence[dict], 
     return "\n".join(lines)
 
 
-def _plot_module():
-    """``nodes/host/plot.py`` (Pillow line charts), loaded by path: importing it as part of
-    ``nodes`` would load the pack's ComfyUI nodes."""
-    spec = importlib.util.spec_from_file_location("lipschitz_plot", REPO_ROOT / "nodes" / "host" / "plot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def plot(rows: Sequence[dict]):
     """One panel per metric: its mean over subjects against lambda (a PIL image), with the
     paper's value at lambda 500 as a dot where it reports one."""
@@ -216,4 +207,4 @@ def plot(rows: Sequence[dict]):
                [("ours", lams, [m[lam][k] for lam in lams])]
                + ([("paper", [PAPER["lambda"]], [PAPER[k]])] if k in PAPER else []))
               for k, label in METRICS if all(math.isfinite(m[lam][k]) for lam in lams)]
-    return _plot_module().report(panels, panel_height=180)
+    return charts.report(panels, panel_height=180)

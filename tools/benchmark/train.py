@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from trainer.config import TrainConfig
-from trainer.delta import ParameterDelta
-from trainer.job import run as run_trainer
-from trainer.loop import CachedExamples, RegularizedTrainer
-from trainer.metrics import StepMetrics
+from lipschitz_personalize.trainer.config import TrainConfig
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer.job import run as run_trainer
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
+from lipschitz_personalize.trainer.metrics import StepMetrics
 
 from .diffusers_host import DiffusersSD15
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import NodeInputError
+from ..errors import NodeInputError
 
 CropMode = Literal["center", "stretch", "pad"]
 CROP_MODES: tuple[str, ...] = ("center", "stretch", "pad")
@@ -100,9 +100,16 @@ def load_folder(folder: Path, resolution: int, crop: CropMode) -> tuple[Tensor, 
     return to_tensor(out), [p.name for p in files]
 
 
+def to_pil(image: Tensor) -> Image.Image:
+    """One ComfyUI IMAGE ``[H, W, C]`` in [0, 1] -> a PIL RGB image (alpha dropped, gray repeated)."""
+    arr = (image[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return Image.fromarray(arr, "RGB")
+
+
 def resize_batch(images: Tensor, resolution: int) -> Tensor:
     """An IMAGE batch (any size, e.g. from LoadImage) -> ``resolution`` squares, center crop."""
     if images.shape[1] == resolution and images.shape[2] == resolution:
         return images[..., :3]
-    pil = [Image.fromarray((img[..., :3].clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
-    return to_tensor([fit(p, resolution, "center") for p in pil])
+    return to_tensor([fit(to_pil(img), resolution, "center") for img in images])

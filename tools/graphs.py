@@ -1,10 +1,10 @@
-"""API-format graphs built from stock nodes and ours, for the server tests."""
+"""API-format graphs built from stock nodes and ours, for the server tests and ``tools/bench.py``."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"  # the shipped photos (tests/data/dog)
 CKPT = "tiny_sd15.safetensors"
 RES = 64  # 8x8 latents: the tiny U-Net trains a step in well under a second
 

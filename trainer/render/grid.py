@@ -9,9 +9,10 @@ Rows whose images differ in size from the first row are resized to the first row
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .images import to_pil, to_tensor
 
 MAX_ROWS = 8
 PAD = 8
@@ -49,13 +50,6 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     if current:
         lines.append(current)
     return lines or [""]
-
-
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    arr = (image[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return Image.fromarray(arr, "RGB")
 
 
 def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: list[str],
@@ -116,11 +110,11 @@ def make_grid(rows: list[torch.Tensor], row_labels: list[str], column_labels: li
         for i, line in enumerate(lines):
             draw.text((PAD, y + i * line_h), line, fill=black, font=font)
         for c in range(int(batch.shape[0])):
-            img = _to_pil(batch[c])
+            img = to_pil(batch[c])
             if img.size != (cell_w, cell_h):
                 img = img.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
             canvas.paste(img, (label_w + c * cell_w, y0))
-    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
+    return to_tensor([canvas])
 
 
 def render_table(header: list[str], body: list[list[str]], caption: list[str], title: str = "") -> torch.Tensor:
@@ -152,4 +146,4 @@ def render_table(header: list[str], body: list[list[str]], caption: list[str], t
     y = table_top + (len(body) + 1) * line_h
     for i, line in enumerate(notes):
         draw.text((PAD, y + i * line_h + PAD // 2), line, fill=grey, font=font)
-    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
+    return to_tensor([canvas])

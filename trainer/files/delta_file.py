@@ -21,10 +21,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ...trainer.metrics import TrainingLog
-from ...trainer.persist import (BLOCK, CorruptFileError, flatten_trainer_state, load_verified, save_verified,
+from ..metrics import TrainingLog
+from ..persist import (BLOCK, CorruptFileError, flatten_trainer_state, load_verified, save_verified,
                                 unflatten_trainer_state)
-from .errors import NodeInputError
+from ..errors import NodeInputError
 
 PATCH_PREFIX = "diffusion_model."
 PACK_VERSION = "0.1.0"

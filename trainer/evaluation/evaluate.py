@@ -1,7 +1,7 @@
-"""The metric nodes' machinery: IMAGE batches -> :mod:`trainer.evaluation` -> metrics rows.
+"""The metric nodes' machinery: IMAGE batches -> :mod:`.scores` -> metrics rows.
 
-Imports the trainer, never ComfyUI (the ComfyUI side, folders and device, is
-:mod:`.evaluation_host`).  A metrics row (the ``LIPSCHITZ_METRICS`` socket) is what one model
+No ComfyUI here (which encoders ComfyUI's model folders hold, and the device, are
+``nodes/host/eval_models.py``).  A metrics row (the ``LIPSCHITZ_METRICS`` socket) is what one model
 scored: the metric nodes chain it (each adds its numbers to the row it is given) and the
 table node lays several rows side by side.
 """
@@ -15,9 +15,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ...trainer.evaluation import scores
-from ...trainer.evaluation.encoders import ClipEncoder, DinoEncoder, EncoderError, load_encoder
-from .errors import NodeInputError
+from . import scores
+from .encoders import ClipEncoder, DinoEncoder, EncoderError, load_encoder
+from ..errors import NodeInputError
 
 # Column order of every table (a row shows the ones it has).
 COLUMNS = ("DINO", "CLIP-I", "CLIP-T", "drift cosine", "drift Frechet", "drift KID", "Inception FID")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .images import to_tensor
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
@@ -95,4 +96,4 @@ def render_report(logs: Sequence[Any]) -> torch.Tensor:
 
     img = report([("denoise loss (EMA 0.1)", lines("denoise", smooth=True)),
                   ("L_lip = sum_i mean(delta_i^2)", lines("lip")), ("||delta||", lines("delta_norm"))])
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    return to_tensor([img])

@@ -1,5 +1,6 @@
 """The ComfyUI side of the metric nodes: which encoders the model folders hold, where
-ComfyUI's CLIP tokenizer is, which device to run on.  Imports ComfyUI, never the trainer."""
+ComfyUI's CLIP tokenizer is, which device to run on (the scoring is
+:mod:`trainer.evaluation.evaluate`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 import comfy.model_management
 import comfy.sd1_clip
 
-from .errors import NodeInputError
+from ...trainer.errors import NodeInputError
 from .folders import eval_dirs
 
 

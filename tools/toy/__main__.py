@@ -1,0 +1,4 @@
+"""``python -m tools.toy``: see :mod:`tools.toy.cli`."""
+from .cli import main
+
+main()
