@@ -62,7 +62,7 @@ def _rel(path: Path) -> str:
 def test_the_import_resolver_sees_both_sides_of_the_seam():
     comfy, trainer = _kinds(REPO_ROOT / SEAM)
     assert comfy and trainer
-    assert _kinds(REPO_ROOT / "nodes/host/adapter.py") == (True, False)
+    assert _kinds(REPO_ROOT / "nodes/host/model.py") == (True, False)
     assert _kinds(REPO_ROOT / "nodes/host/delta_file.py") == (False, True)
     assert _kinds(REPO_ROOT / "nodes/grid.py") == (True, False)
 

@@ -18,7 +18,7 @@ with a fixed glibc mmap threshold so that RSS counts live tensors, not freed hea
 
 **Sampling.** ``patch_loss_fp16_*``: how much of a trained delta ComfyUI's diff patch loses
 where it stores the U-Net in fp16 (GPUs), ``||applied - delta|| / ||delta||``
-(``nodes/host/adapter.py`` ``patch_loss``): the test U-Net after 20, 200 and 500 steps at the
+(``nodes/host/patches.py`` ``patch_loss``): the test U-Net after 20, 200 and 500 steps at the
 paper's lr and lambda, and the full-size one after the disk section's 2 steps.
 
 **Disk.** The full-size U-Net (859.5M parameters, random seeded weights, no download) trains 2 steps at 64 px on the CPU with Adam stepped in backward (the same delta and
@@ -165,8 +165,8 @@ def disk() -> None:
                  moments=delta_file.moment_format(dtype_name))
             finished.unlink()
             stopped.unlink()
-    adapter = _pack_module("nodes.host.adapter")
-    emit("patch_loss_fp16_fullsize", adapter.patch_loss(unet, trainer.delta.state_dict(), torch.float16), "ratio",
+    host_patches = _pack_module("nodes.host.patches")
+    emit("patch_loss_fp16_fullsize", host_patches.patch_loss(unet, trainer.delta.state_dict(), torch.float16), "ratio",
          method="||applied - delta|| / ||delta|| of ComfyUI's diff patch on the fp16-stored full-size U-Net "
                 "(random weights) after 2 steps at lr 2e-6 (sampled estimate)")
 
@@ -180,7 +180,7 @@ def sampling() -> None:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from test_persistence import _pack_module
 
-    adapter = _pack_module("nodes.host.adapter")
+    host_patches = _pack_module("nodes.host.patches")
     unet = make_unet(tiny=True)
     lengths = (20, 200, 500)  # 1000, the paper's, takes ~15 min on 2 cores: not in the default bench
     trainer = make_trainer(unet, latent=8, steps=1000)
@@ -188,7 +188,7 @@ def sampling() -> None:
         trainer.step()
         if step in lengths:
             delta = trainer.delta.state_dict()
-            emit(f"patch_loss_fp16_tiny_{step}", adapter.patch_loss(unet, delta, torch.float16), "ratio",
+            emit(f"patch_loss_fp16_tiny_{step}", host_patches.patch_loss(unet, delta, torch.float16), "ratio",
                  delta_rms=float(torch.cat([d.reshape(-1) for d in delta.values()]).square().mean().sqrt()),
                  method=f"||applied - delta|| / ||delta|| of ComfyUI's diff patch on the fp16-stored test U-Net "
                         f"(25.8M, random weights) after {step} steps at lr 2e-6, lambda 500 (sampled estimate)")
