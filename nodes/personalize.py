@@ -11,7 +11,7 @@ from ..trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, TrainConfig
 from ..trainer.files.delta_file import DEFAULT_DELTA_DTYPE, DELTA_DTYPES
 from ..trainer.memory import CHOICES as MEMORY_CHOICES
 from ..trainer.memory import MODES
-from .host.adapter import SAMPLING
+from .host.patches import SAMPLING
 from .host.run import RunSpec, personalize
 from .host.types import DeltaType, TrainingLogType
 

@@ -73,14 +73,14 @@ def _train_delta(unet, anchor=None, steps: int = 3, lr: float = 1e-4) -> dict[st
 
 
 def test_an_fp16_held_model_trains_against_the_files_fp32_values(models):
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import anchor as host_anchor
     unet32, unet16 = (models[d].model.diffusion_model for d in (torch.float32, torch.float16))
     assert next(unet16.parameters()).dtype == torch.float16
 
-    anchor = adapter.choose_anchor(models[torch.float16], unet16, _graph_to_loader(), "train")
+    anchor = host_anchor.choose_anchor(models[torch.float16], unet16, _graph_to_loader(), "train")
     assert anchor.file is not None and anchor.file.name == FP32 and anchor.dtype == torch.float32, anchor
     assert anchor.why.startswith(f"from the checkpoint file {FP32}") and "float16" in anchor.why
-    theta0 = adapter.read_anchor(anchor, unet16, torch.device("cpu"))
+    theta0 = host_anchor.read_anchor(anchor, unet16, torch.device("cpu"))
     assert all(torch.equal(theta0[n], p) for n, p in unet32.named_parameters()), "theta0 is not the file's values"
 
     # Training the fp16-held model against the file trains exactly what the fp32 model trains;
@@ -94,23 +94,23 @@ def test_an_fp16_held_model_trains_against_the_files_fp32_values(models):
 
 
 def test_where_the_model_is_the_files_values_or_unknown_it_is_the_anchor(models, fp32_ckpt):
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import anchor as host_anchor
     m32, m16 = models[torch.float32], models[torch.float16]
-    held = adapter.choose_anchor(m32, m32.model.diffusion_model, _graph_to_loader(), "train")
+    held = host_anchor.choose_anchor(m32, m32.model.diffusion_model, _graph_to_loader(), "train")
     assert held.file is None and held.dtype == torch.float32 and FP32 in held.why  # fp32 holds the file exactly
-    unknown = adapter.choose_anchor(m16, m16.model.diffusion_model, {"train": {"inputs": {"model": ["lora", 0]}},
+    unknown = host_anchor.choose_anchor(m16, m16.model.diffusion_model, {"train": {"inputs": {"model": ["lora", 0]}},
                                                                      "lora": {"class_type": "LoraLoader"}}, "train")
     assert unknown.file is None and unknown.dtype == torch.float16 and "does not come straight" in unknown.why
     patched = m16.clone()
     name = next(k for k in patched.model.state_dict() if k.startswith("diffusion_model."))
     patched.add_patches({name: ("diff", (torch.zeros(patched.model.state_dict()[name].shape),))})
-    lora = adapter.choose_anchor(patched, patched.model.diffusion_model, _graph_to_loader(), "train")
+    lora = host_anchor.choose_anchor(patched, patched.model.diffusion_model, _graph_to_loader(), "train")
     assert lora.file is None and "weight patches" in lora.why
     # Current ComfyUI records the loader call on the patcher (kept by clone): found without a graph.
     import comfy.sd
     recorded = m16.clone()
     recorded.cached_patcher_init = (comfy.sd.load_checkpoint_guess_config, (str(fp32_ckpt), False, False, False))
-    assert adapter.choose_anchor(recorded, recorded.model.diffusion_model).file == fp32_ckpt
+    assert host_anchor.choose_anchor(recorded, recorded.model.diffusion_model).file == fp32_ckpt
 
 
 def _applied(model, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,28 +143,29 @@ def _rel(applied: dict, delta: dict) -> float:
 def test_the_exact_sampling_path_keeps_the_delta_the_fp16_patch_rounds_away(models):
     """Where ComfyUI stores the U-Net in fp16 its diff patch rounds base + delta to fp16; the
     node measures that loss and says so, and ``sampling=exact`` keeps every value."""
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import anchor as host_anchor
+    from lipschitz_personalize.nodes.host import patches as host_patches
     m16 = models[torch.float16]
     unet16 = m16.model.diffusion_model
     base = {n: p.detach().clone() for n, p in unet16.named_parameters()}
     # A real delta: 20 steps of the paper's learning rate against the file's values.
-    theta0 = adapter.read_anchor(adapter.choose_anchor(m16, unet16, _graph_to_loader(), "train"), unet16,
+    theta0 = host_anchor.read_anchor(host_anchor.choose_anchor(m16, unet16, _graph_to_loader(), "train"), unet16,
                                  torch.device("cpu"))
     delta = _train_delta(unet16, theta0, steps=20, lr=2e-6)
 
-    patched = _rel(_applied(adapter.patched_model(m16, delta), base), delta)
-    estimate = adapter.patch_loss(unet16, delta, torch.float16)
+    patched = _rel(_applied(host_patches.patched_model(m16, delta), base), delta)
+    estimate = host_patches.patch_loss(unet16, delta, torch.float16)
     assert patched > 0.01, f"the fp16 patch kept the delta to {patched:.2%}: nothing to show"
     assert abs(estimate - patched) < 0.05 * patched, (estimate, patched)  # the node's sampled figure
-    note = adapter.sampling_note(m16, delta, 1.0, "patch")
+    note = host_patches.sampling_note(m16, delta, 1.0, "patch")
     assert note and f"loses {estimate:.1%}" in note and "sampling=exact" in note, note
 
-    exact = _rel(_applied(adapter.patched_model(m16, delta, sampling="exact"), base), delta)
+    exact = _rel(_applied(host_patches.patched_model(m16, delta, sampling="exact"), base), delta)
     # What is left is fp32's rounding of base + delta (the delta is 1e-3 of the weights).
     assert exact < 1e-3 and exact < patched / 100, (exact, patched)
     print(f"\n[sampling] 20 steps at lr 2e-6 on the fp16-held test model: the diff patch loses {patched:.2%} "
           f"(node's sampled estimate {estimate:.2%}), exact {exact:.1e}")
-    assert adapter.sampling_note(m16, delta, 1.0, "exact") is None
+    assert host_patches.sampling_note(m16, delta, 1.0, "exact") is None
     # Neither path wrote the shared base.
     assert all(torch.equal(p, base[n]) for n, p in unet16.named_parameters())
 

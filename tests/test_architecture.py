@@ -65,7 +65,7 @@ def _loaded_comfy(code: str, cwd: Path = REPO_ROOT) -> list[str]:
 
 
 def test_the_import_resolver_sees_comfyui_and_relative_imports():
-    assert _imports_comfy(REPO_ROOT / "nodes/host/adapter.py")
+    assert _imports_comfy(REPO_ROOT / "nodes/host/model.py")
     assert not _imports_comfy(REPO_ROOT / "trainer/files/delta_file.py")
     assert "pack.trainer.persist" in _imports(REPO_ROOT / "trainer/files/delta_file.py")
     assert "pack.trainer.config" in _imports(REPO_ROOT / "nodes/personalize.py")

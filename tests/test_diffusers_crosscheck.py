@@ -84,8 +84,8 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("route", ["comfy key map", "single file"])
 def test_both_hosts_predict_the_same_eps(comfy_model, mapped, single_file, route):
-    from lipschitz_personalize.nodes.host import adapter
-    loaded = adapter.load_for_training(comfy_model[0], torch.float32)
+    from lipschitz_personalize.nodes.host import model as host_model
+    loaded = host_model.load_for_training(comfy_model[0], torch.float32)
     ours = mapped if route == "comfy key map" else single_file
     x, context = _inputs()
     for t in (0, 37, 500, 999):
@@ -98,8 +98,8 @@ def test_both_hosts_predict_the_same_eps(comfy_model, mapped, single_file, route
 
 def test_the_noise_schedule_and_noising_are_diffusers(comfy_model, mapped):
     """``q_sample`` with either host's ``abar_t`` is ``DDPMScheduler.add_noise``."""
-    from lipschitz_personalize.nodes.host import adapter
-    comfy_abar = adapter.alphas_cumprod(comfy_model[0])
+    from lipschitz_personalize.nodes.host import model as host_model
+    comfy_abar = host_model.alphas_cumprod(comfy_model[0])
     ours = mapped.alphas_cumprod()
     assert ours.shape == comfy_abar.shape == (1000,)
     assert (ours - comfy_abar).abs().max() <= 1e-6
@@ -112,10 +112,10 @@ def test_the_noise_schedule_and_noising_are_diffusers(comfy_model, mapped):
 
 
 def test_both_hosts_encode_prompts_and_photos_alike(comfy_model, single_file):
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import encode as host_encode
     model, clip, vae = comfy_model
     prompt = "a photo of sks dog on the beach"
-    theirs, _ = adapter.encode_prompt(clip, prompt)
+    theirs, _ = host_encode.encode_prompt(clip, prompt)
     mine, truncated = single_file.encode_prompt(prompt)
     assert not truncated and mine.shape == theirs.shape == (1, 77, 768)
     assert _max_rel(mine, theirs) <= TOL
@@ -135,12 +135,13 @@ def test_five_training_steps_give_the_same_delta_through_both_hosts(comfy_model,
     Adam then divides each gradient by its own magnitude, so an entry whose true gradient is
     at float32 noise level may step the other way: after five steps the deltas agree to 1e-5
     absolute (about 5e-7 measured) and to 1e-4 in relative L2 norm (4e-5 measured)."""
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import anchor as host_anchor
+    from lipschitz_personalize.nodes.host import model as host_model
     from lipschitz_personalize.nodes.host import run
     latents, cond = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4)), _inputs(5)[1][:1]
     settings = dict(steps=5, lam=500.0, seed=2025, resolution=64)
-    loaded = adapter.load_for_training(comfy_model[0], torch.float32)
-    anchor = adapter.Anchor(torch.float32, None, "", "the model")
+    loaded = host_model.load_for_training(comfy_model[0], torch.float32)
+    anchor = host_anchor.Anchor(torch.float32, None, "", "the model")
 
     def flat(theirs: dict, mine: dict) -> tuple[torch.Tensor, torch.Tensor]:
         mine = {unet_map[k]: v for k, v in mine.items()}

@@ -25,20 +25,20 @@ def model(tiny_ckpt):
 
 
 def test_a_dynamic_model_without_a_non_dynamic_copy_is_refused_naming_the_flag(model):
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import model as host_model
     from lipschitz_personalize.trainer import errors
     dynamic = model.clone()
     dynamic.is_dynamic = lambda: True  # 0.3.75's clone() takes no disable_dynamic
     with pytest.raises(errors.NodeInputError) as err:
-        adapter.trainable(dynamic)
+        host_model.trainable(dynamic)
     assert err.value.input_name == "model" and "dynamic VRAM" in err.value.problem
     assert "--disable-dynamic-vram" in err.value.fix
-    assert adapter.trainable(model) == (model, None)  # a plain patcher is trained as it is
+    assert host_model.trainable(model) == (model, None)  # a plain patcher is trained as it is
 
 
 def test_a_dynamic_model_is_trained_through_its_non_dynamic_copy(model):
     """Current ComfyUI: ``clone(disable_dynamic=True)`` rebuilds a plain ModelPatcher."""
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import model as host_model
     calls = []
 
     class Dynamic(type(model)):
@@ -52,21 +52,21 @@ def test_a_dynamic_model_is_trained_through_its_non_dynamic_copy(model):
             return plain
 
     dynamic = Dynamic(model.model, model.load_device, model.offload_device)
-    patcher, note = adapter.trainable(dynamic)
+    patcher, note = host_model.trainable(dynamic)
     assert calls == [True] and not patcher.is_dynamic() and "non-dynamic copy" in note
-    loaded = adapter.load_for_training(patcher, torch.float32)
+    loaded = host_model.load_for_training(patcher, torch.float32)
     assert loaded.device == torch.device("cpu")
 
 
 def test_a_weight_left_off_the_training_device_is_refused_naming_novram(model):
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import model as host_model
     from lipschitz_personalize.trainer import errors
     unet = model.model.diffusion_model
     named = list(unet.named_parameters())
-    adapter.require_on_device(named, torch.device("cpu"))  # all there: no error
+    host_model.require_on_device(named, torch.device("cpu"))  # all there: no error
     stray = [(n, torch.empty(p.shape, device="meta") if i == 7 else p) for i, (n, p) in enumerate(named)]
     with pytest.raises(errors.NodeInputError) as err:
-        adapter.require_on_device(stray, torch.device("cpu"))
+        host_model.require_on_device(stray, torch.device("cpu"))
     assert "1 U-Net weights are on meta" in err.value.problem and named[7][0] in err.value.problem
     assert "--novram or --lowvram" in err.value.fix
 
@@ -75,7 +75,8 @@ def test_training_under_sage_attention_uses_an_attention_with_a_backward(model, 
     import comfy.ldm.modules.attention as attention
     import comfy.model_management
 
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import attention as host_attention
+    from lipschitz_personalize.nodes.host import model as host_model
     calls = []
 
     @attention.wrap_attn
@@ -86,8 +87,8 @@ def test_training_under_sage_attention_uses_an_attention_with_a_backward(model, 
 
     monkeypatch.setattr(attention, "optimized_attention", forward_only)
     monkeypatch.setattr(comfy.model_management, "sage_attention_enabled", lambda: True)
-    assert "SageAttention" in adapter.sage_note()
-    loaded = adapter.load_for_training(model, torch.float32)
+    assert "SageAttention" in host_attention.sage_note()
+    loaded = host_model.load_for_training(model, torch.float32)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g, requires_grad=True)
     t, cond = torch.tensor([500.0]), torch.randn(1, 77, 768, generator=g)

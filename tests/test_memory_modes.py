@@ -237,7 +237,7 @@ def test_the_base_fingerprint_is_the_same_for_an_fp32_and_an_fp16_load(tiny_ckpt
     import comfy.sd
     from safetensors.torch import load_file, save_file
 
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import model as host_model
     # An fp32 file whose values fp16 cannot hold exactly, as v1-5-pruned-emaonly's.
     g = torch.Generator().manual_seed(0)
     fp32 = {k: (v.float() * (1 + 1e-4 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v)
@@ -250,7 +250,7 @@ def test_the_base_fingerprint_is_the_same_for_an_fp32_and_an_fp16_load(tiny_ckpt
         unets[dtype] = model.model.diffusion_model
     assert next(unets[torch.float16].parameters()).dtype == torch.float16
     assert next(unets[torch.float32].parameters()).dtype == torch.float32
-    assert adapter.fingerprint(unets[torch.float32]) == adapter.fingerprint(unets[torch.float16])
+    assert host_model.fingerprint(unets[torch.float32]) == host_model.fingerprint(unets[torch.float16])
     with torch.no_grad():  # and a changed weight changes it
         next(unets[torch.float16].parameters()).view(-1)[0] += 1.0
-    assert adapter.fingerprint(unets[torch.float32]) != adapter.fingerprint(unets[torch.float16])
+    assert host_model.fingerprint(unets[torch.float32]) != host_model.fingerprint(unets[torch.float16])

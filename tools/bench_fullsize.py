@@ -18,7 +18,7 @@ with a fixed glibc mmap threshold so that RSS counts live tensors, not freed hea
 
 **Sampling.** ``patch_loss_fp16_*``: how much of a trained delta ComfyUI's diff patch loses
 where it stores the U-Net in fp16 (GPUs), ``||applied - delta|| / ||delta||``
-(``nodes/host/adapter.py`` ``patch_loss``): the test U-Net after 20, 200 and 500 steps at the
+(``nodes/host/patches.py`` ``patch_loss``): the test U-Net after 20, 200 and 500 steps at the
 paper's lr and lambda, and the full-size one after the disk section's 2 steps.
 
 **Disk.** The full-size U-Net (859.5M parameters, random seeded weights, no download) trains 2 steps at 64 px on the CPU with Adam stepped in backward (the same delta and
@@ -138,7 +138,7 @@ def disk() -> None:
     import torch
 
     comfy_ready(cpu=True)
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import patches as host_patches
     from lipschitz_personalize.trainer.files import delta_file
 
     unet = make_unet(tiny=False)
@@ -164,7 +164,7 @@ def disk() -> None:
                  moments=delta_file.moment_format(dtype_name))
             finished.unlink()
             stopped.unlink()
-    emit("patch_loss_fp16_fullsize", adapter.patch_loss(unet, trainer.delta.state_dict(), torch.float16), "ratio",
+    emit("patch_loss_fp16_fullsize", host_patches.patch_loss(unet, trainer.delta.state_dict(), torch.float16), "ratio",
          method="||applied - delta|| / ||delta|| of ComfyUI's diff patch on the fp16-stored full-size U-Net "
                 "(random weights) after 2 steps at lr 2e-6 (sampled estimate)")
 
@@ -175,7 +175,7 @@ def sampling() -> None:
     import torch
 
     comfy_ready(cpu=True)
-    from lipschitz_personalize.nodes.host import adapter
+    from lipschitz_personalize.nodes.host import patches as host_patches
 
     unet = make_unet(tiny=True)
     lengths = (20, 200, 500)  # 1000, the paper's, takes ~15 min on 2 cores: not in the default bench
@@ -184,7 +184,7 @@ def sampling() -> None:
         trainer.step()
         if step in lengths:
             delta = trainer.delta.state_dict()
-            emit(f"patch_loss_fp16_tiny_{step}", adapter.patch_loss(unet, delta, torch.float16), "ratio",
+            emit(f"patch_loss_fp16_tiny_{step}", host_patches.patch_loss(unet, delta, torch.float16), "ratio",
                  delta_rms=float(torch.cat([d.reshape(-1) for d in delta.values()]).square().mean().sqrt()),
                  method=f"||applied - delta|| / ||delta|| of ComfyUI's diff patch on the fp16-stored test U-Net "
                         f"(25.8M, random weights) after {step} steps at lr 2e-6, lambda 500 (sampled estimate)")

@@ -79,7 +79,7 @@ def make_unet(tiny: bool, device: str | torch.device = "cpu", seed: int = 0, ini
 
 
 def checkpoint_units(unet: nn.Module) -> list[nn.Module]:
-    """Same units as ``nodes/host/adapter.checkpoint_units`` (the node's checkpointing)."""
+    """Same units as ``nodes/host/model.checkpoint_units`` (the node's checkpointing)."""
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     return [layer for block in blocks for layer in block if not any(True for _ in layer.parameters(recurse=False))]
 

@@ -28,8 +28,13 @@ from ...trainer.loop import CachedExamples, RegularizedTrainer
 from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
 from ...trainer.metrics import TrainingLog
 from ...trainer.render.images import resize_batch
-from . import adapter
+from .anchor import Anchor, choose_anchor, read_anchor, require_addable
+from .attention import sage_note
+from .encode import encode_images, encode_prompt
 from .folders import auto_path, evict_auto, gb, mark_used, partial_path
+from .model import (LoadedUNet, TrainingMemory, alphas_cumprod, checkpoint_units, fingerprint, load_for_training,
+                    require_sd15, trainable, training_memory)
+from .patches import patched_model, require_sampling, sampling_note
 from .progress import NodeProgress
 
 log = logging.getLogger(__name__)
@@ -72,22 +77,22 @@ class RunSpec:
         if self.delta_dtype not in DELTA_DTYPES:
             raise NodeInputError("delta_dtype", f"unknown dtype {self.delta_dtype!r}",
                                  f"Use one of {', '.join(DELTA_DTYPES)} (fp16 halves the file of fp32)")
-        adapter.require_sampling(self.sampling)
+        require_sampling(self.sampling)
         if self.class_images is not None and not (self.class_prompt and self.class_prompt.strip()):
             raise NodeInputError("class_prompt", "class images are connected but the class prompt is empty",
                                  'Write the class prompt, e.g. "a photo of a dog"')
-        adapter.require_sd15(self.model)
+        require_sd15(self.model)
 
 
 def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, TrainingLog]:
     """Run ``spec``: (the patched MODEL clone, the delta, its training log)."""
     spec.validate()
-    memory = adapter.training_memory(spec.model)
+    memory = training_memory(spec.model)
     anchors = _anchors(spec, node_id)
     mode, plan = _memory_plan(spec, memory, anchors)  # before any work: encoding, loading, delta, Adam state
     anchor = anchors[MODES[mode].anchor]
-    adapter.require_addable(anchor, mode)
-    base, dynamic_note = adapter.trainable(spec.model)
+    require_addable(anchor, mode)
+    base, dynamic_note = trainable(spec.model)
     config = configure(spec.config, mode)
     progress = NodeProgress(node_id, config.steps, config.lam)
     if spec.images.shape[0] == 1:
@@ -95,17 +100,17 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         log.warning("LipschitzPersonalize: only 1 reference image")
     images = resize_batch(spec.images, config.resolution)
     class_images = resize_batch(spec.class_images, config.resolution) if spec.class_images is not None else None
-    cond, truncated = adapter.encode_prompt(spec.clip, spec.prompt)
+    cond, truncated = encode_prompt(spec.clip, spec.prompt)
     if truncated:
         progress.text("notice: the prompt is longer than 77 tokens; only the first 77 are used")
         log.warning("LipschitzPersonalize: prompt truncated to 77 tokens")
-    latents = adapter.encode_images(spec.vae, spec.model, images, config.seed)
+    latents = encode_images(spec.vae, spec.model, images, config.seed)
     prior = None
     if class_images is not None:
-        prior = (adapter.encode_images(spec.vae, spec.model, class_images, config.seed + 1),
-                 adapter.encode_prompt(spec.clip, spec.class_prompt)[0])
-    loaded = adapter.load_for_training(base, COMPUTE_DTYPES[config.precision])
-    base_id = adapter.fingerprint(loaded.unet)
+        prior = (encode_images(spec.vae, spec.model, class_images, config.seed + 1),
+                 encode_prompt(spec.clip, spec.class_prompt)[0])
+    loaded = load_for_training(base, COMPUTE_DTYPES[config.precision])
+    base_id = fingerprint(loaded.unet)
     key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
                    "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
                   [images] + ([class_images] if class_images is not None else []))
@@ -124,7 +129,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         progress.finish("loaded")
         training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
     else:
-        progress.text("\n".join(n for n in (plan, dynamic_note, adapter.sage_note()) if n))
+        progress.text("\n".join(n for n in (plan, dynamic_note, sage_note()) if n))
         with torch.inference_mode(False):
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.
@@ -133,11 +138,11 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
             if spec.resume:
                 training.resume()
         delta, training_log = training.run()
-    note = adapter.sampling_note(spec.model, delta.tensors, 1.0, spec.sampling)
+    note = sampling_note(spec.model, delta.tensors, 1.0, spec.sampling)
     if note:
         progress.text(note)
         log.warning("LipschitzPersonalize: %s", note)
-    return adapter.patched_model(spec.model, delta.tensors, sampling=spec.sampling), delta, training_log
+    return patched_model(spec.model, delta.tensors, sampling=spec.sampling), delta, training_log
 
 
 def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta, TrainingLog | None] | None:
@@ -158,29 +163,29 @@ def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta
     return delta, saved_log
 
 
-def _trainer(loaded: adapter.LoadedUNet, anchor: adapter.Anchor, latents: Tensor, cond: Tensor,
+def _trainer(loaded: LoadedUNet, anchor: Anchor, latents: Tensor, cond: Tensor,
              prior: tuple[Tensor, Tensor] | None, config: TrainConfig) -> RegularizedTrainer:
     dev = loaded.device
     data = CachedExamples(latents.to(dev).clone(), cond.to(dev).clone(), config.batch_size)
     prior_data = (CachedExamples(prior[0].to(dev).clone(), prior[1].to(dev).clone(), config.batch_size)
                   if prior is not None else None)
-    checkpoint = adapter.checkpoint_units(loaded.unet) if config.gradient_checkpointing else ()
+    checkpoint = checkpoint_units(loaded.unet) if config.gradient_checkpointing else ()
     delta = ParameterDelta(loaded.unet, device=dev,
                            dtype=config.delta_torch_dtype,
-                           anchor=adapter.read_anchor(anchor, loaded.unet, dev))
-    return RegularizedTrainer(loaded.eps, delta, adapter.alphas_cumprod(loaded.patcher),
+                           anchor=read_anchor(anchor, loaded.unet, dev))
+    return RegularizedTrainer(loaded.eps, delta, alphas_cumprod(loaded.patcher),
                               data, config, prior=prior_data, checkpoint=checkpoint)
 
 
-def _anchors(spec: RunSpec, node_id: str) -> dict[str, adapter.Anchor]:
+def _anchors(spec: RunSpec, node_id: str) -> dict[str, Anchor]:
     """theta0 for each kind of mode (:attr:`trainer.memory.MemoryMode.anchor`): ``checkpoint``,
     the file's values where ComfyUI holds the model narrower; ``model``, the model as held."""
     held = spec.model.model_dtype()
-    return {"checkpoint": adapter.choose_anchor(spec.model, spec.model.model.diffusion_model, spec.graph, node_id),
-            "model": adapter.Anchor(held, None, "", "as ComfyUI loaded the model")}
+    return {"checkpoint": choose_anchor(spec.model, spec.model.model.diffusion_model, spec.graph, node_id),
+            "model": Anchor(held, None, "", "as ComfyUI loaded the model")}
 
 
-def _memory_plan(spec: RunSpec, memory: adapter.TrainingMemory, anchors: dict[str, adapter.Anchor]
+def _memory_plan(spec: RunSpec, memory: TrainingMemory, anchors: dict[str, Anchor]
                  ) -> tuple[str, str]:
     """The pre-flight check (:func:`trainer.memory.preflight`), before any work: ``(mode, the
     text that says which mode, why and what the anchor is)``."""

@@ -1,6 +1,6 @@
 """The paper's DreamBooth benchmark, headless, on diffusers (``python -m tools.benchmark``).
 
-* :mod:`.diffusers_host` - diffusers' SD1.5 -> what the trainer needs (as ``nodes/host/adapter.py`` for ComfyUI).
+* :mod:`.diffusers_host` - diffusers' SD1.5 -> what the trainer needs (as ``nodes/host/`` for ComfyUI).
 * :mod:`.train` - one personalization with the unchanged :mod:`trainer`.
 * :mod:`.protocol` - subjects, prompts, seeds and drift prompts from the benchmark folder.
 * :mod:`.job` - one (subject, lambda): train, sample, score with :mod:`trainer.evaluation`.

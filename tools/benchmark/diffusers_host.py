@@ -1,6 +1,6 @@
 """diffusers' SD1.5 -> the tensors and functions a training run needs, and sampled images back.
 
-The benchmark's host, as ``nodes/host/adapter.py`` is ComfyUI's: pure torch + diffusers (no
+The benchmark's host, as ``nodes/host/`` is ComfyUI's: pure torch + diffusers (no
 ComfyUI import, no :mod:`trainer` import), thin.  It gives the trainer what it takes from any
 host: the U-Net's eps function, ``abar_t`` from the model's own scheduler, the photos' VAE
 latents (posterior sampled once, times the VAE's scaling factor, 0.18215 for SD1.5), the
