@@ -5,7 +5,7 @@ their objects to it; ``tests/test_architecture.py`` enforces it).
 
 * :mod:`trainer.config` - :class:`TrainConfig`: the paper's defaults and their validation.
 * :mod:`trainer.objective` - ``L_denoise + lambda * L_lip`` and the closed-form gradient of
-  ``L_lip``, for the full and the low-rank delta.
+  ``L_lip``.
 * :mod:`trainer.delta` - the trainable delta ``theta = theta0 + delta`` and its injection into
   a module without writing the base weights.
 * :mod:`trainer.loop` - Algorithm 1: one regularized training step.
@@ -19,5 +19,5 @@ their objects to it; ``tests/test_architecture.py`` enforces it).
 * :mod:`trainer.errors` - the user-facing input error: which input, what is wrong, the fix.
 
 Options, beside the main path: :mod:`trainer.optim` (Adam kernels, Adam stepped inside
-backward), :mod:`trainer.lowrank` (a rank-r delta, not the paper's full fine-tune).
+backward), :mod:`trainer.compact_adam` and :mod:`trainer.memory` (the memory modes).
 """

@@ -18,8 +18,8 @@ RegularizerKind = Literal["mean_sq", "sum_sq", "l1"]
 REGULARIZERS: tuple[str, ...] = ("mean_sq", "sum_sq", "l1")
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-AdamImpl = Literal["default", "foreach", "fused", "8bit"]
-ADAM_IMPLS: tuple[str, ...] = ("default", "foreach", "fused", "8bit")
+AdamImpl = Literal["default", "foreach", "fused"]
+ADAM_IMPLS: tuple[str, ...] = ("default", "foreach", "fused")
 MomentFormat = Literal["fp32", "bf16", "fp8"]
 MOMENT_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp8")
 DeltaPrecision = Literal["fp32", "bf16"]
@@ -55,7 +55,7 @@ class TrainConfig:
     precision: Precision = "fp32"
     """``bf16``: the forward and backward compute in bf16; deltas, gradients and Adam stay fp32."""
     adam: AdamImpl = "default"
-    """Adam kernel (:mod:`trainer.optim`); all but ``8bit`` compute the paper's update."""
+    """Adam kernel (:mod:`trainer.optim`): each computes the paper's update."""
     step_in_backward: bool = False
     """Step each delta tensor's Adam as soon as its gradient is complete and free the gradient:
     one parameter-sized buffer less at the peak, the same update.  A non-finite gradient under

@@ -47,6 +47,7 @@ class ParameterDelta:
             name: torch.zeros_like(p, dtype=dtype, device=device or p.device).requires_grad_(True)
             for name, p in self.base.items()
         }
+        self._deferred: list[BaseException] | None = None
 
     # -- access ---------------------------------------------------------------------------
     @property
@@ -70,11 +71,6 @@ class ParameterDelta:
     def numel(self) -> int:
         return sum(d.numel() for d in self.delta.values())
 
-    @torch.no_grad()
-    def sq_norms(self) -> list[Tensor]:
-        """``||delta_i||^2`` per base tensor (one foreach pass)."""
-        return [n.float().square() for n in torch._foreach_norm(self.tensors())]
-
     # -- persistence ----------------------------------------------------------------------
     @torch.no_grad()
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -93,10 +89,6 @@ class ParameterDelta:
             d.copy_(state[name])
 
     # -- injection ------------------------------------------------------------------------
-    def summed(self, name: str, base: Tensor) -> Tensor:
-        """``theta0 + delta`` of one tensor, as its layer computes with it (subclasses: low rank)."""
-        return base + self.delta[name]
-
     @contextlib.contextmanager
     def applied(self, checkpoint: Sequence[nn.Module] = ()) -> Iterator[None]:
         """Within the block, ``module`` computes with ``theta0 + delta``.
@@ -105,24 +97,27 @@ class ParameterDelta:
         base tensors back in a forward hook, so a sum lives only while its layer runs (and
         while autograd needs it).  Modules in ``checkpoint`` run under non-reentrant
         activation checkpointing; they must own no parameters directly (their children's
-        hooks run again on recomputation).  Everything is restored on exit, also after an
-        exception.
+        hooks run again on recomputation).  Each owning sub-module's ``forward`` is wrapped to
+        defer an exception raised while backward recomputes it (:meth:`deferring`).  A run
+        enters this once (the hooks are registered once, not per step); everything is
+        restored on exit, also after an exception.
         """
         modules = dict(self.module.named_modules())
-        # (attribute, the module's own tensor, put back after the layer; name, to sum theta0 + delta)
-        slots: dict[nn.Module, list[tuple[str, Tensor, str]]] = defaultdict(list)
+        # detach once: a base that requires grad (torch's default for a Parameter) would
+        # otherwise get its own full-size .grad, written onto the shared model.
+        bases = {name: b.detach() for name, b in self.base.items()}
+        # (attribute, the module's own tensor, put back after the layer; theta0; delta)
+        slots: dict[nn.Module, list[tuple[str, Tensor, Tensor, Tensor]]] = defaultdict(list)
         for name in self.base:
             owner, _, attr = name.rpartition(".")
-            slots[modules[owner]].append((attr, modules[owner]._parameters[attr], name))
+            slots[modules[owner]].append((attr, modules[owner]._parameters[attr], bases[name], self.delta[name]))
 
         def swap_in(mod: nn.Module, _args: object) -> None:
-            for attr, _own, name in slots[mod]:
-                # detach: a base that requires grad (torch's default for a Parameter) would
-                # otherwise get its own full-size .grad, written onto the shared model.
-                mod._parameters[attr] = self.summed(name, self.base[name].detach())
+            for attr, _own, base, delta in slots[mod]:
+                mod._parameters[attr] = base + delta
 
         def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
-            for attr, own, _ in slots[mod]:
+            for attr, own, _, _ in slots[mod]:
                 mod._parameters[attr] = own
 
         for m in checkpoint:
@@ -133,17 +128,49 @@ class ParameterDelta:
             for m in slots:
                 handles.append(m.register_forward_pre_hook(swap_in))
                 handles.append(m.register_forward_hook(swap_out))
+                m.forward = self._deferrable(m.forward)
             for m in checkpoint:
                 m.forward = _checkpointed(m.forward)
             yield
         finally:
             for h in handles:
                 h.remove()
-            for m in checkpoint:
+            for m in (*checkpoint, *slots):
                 m.__dict__.pop("forward", None)
             for m, entries in slots.items():
-                for attr, own, _ in entries:
+                for attr, own, _, _ in entries:
                     m._parameters[attr] = own
+
+    @contextlib.contextmanager
+    def deferring(self, into: list[BaseException]) -> Iterator[None]:
+        """Within the block, an exception a layer raises while backward recomputes it (under
+        checkpointing) is appended to ``into`` and the layer is run again, so backward - and
+        an update stepped inside it - completes; the caller raises it after the step.
+
+        Why: a host checks for an interrupt at the entry of every layer (ComfyUI's
+        ``run_every_op``, also during the recompute), and such a check fires once (ComfyUI
+        clears its flag as it raises).  Were it let through, an update that steps tensors
+        inside backward would leave half a step, which no resume can continue exactly; keeping
+        a copy of the stepped state to undo it would cost the memory that update saves.  A
+        layer that raises again on the second try is an error: it propagates.
+        """
+        self._deferred = into
+        try:
+            yield
+        finally:
+            self._deferred = None
+
+    def _deferrable(self, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def run(*args: object, **kwargs: object) -> Tensor:
+            if self._deferred is None or torch._C._current_graph_task_id() == -1:  # not in backward
+                return forward(*args, **kwargs)
+            try:
+                return forward(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any host's exception type; re-raised by the caller
+                self._deferred.append(exc)
+                return forward(*args, **kwargs)
+
+        return run
 
 
 def select_base(module: nn.Module, include: Callable[[str], bool] | None) -> dict[str, Tensor]:

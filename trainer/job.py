@@ -48,7 +48,7 @@ def run(trainer: RegularizedTrainer, on_step: Callable[[StepMetrics], None],
     first, started = trainer.step_count, time.perf_counter()
     # Grad mode is thread-local: ComfyUI runs nodes under inference_mode, which must not leak
     # into (or be changed for) anything but this loop.
-    with _os_thread_named(THREAD_NAME), torch.inference_mode(False), torch.enable_grad():
+    with _os_thread_named(THREAD_NAME), torch.inference_mode(False), torch.enable_grad(), trainer.running():
         try:
             while trainer.step_count < total:
                 if stop():

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -89,10 +89,21 @@ class RegularizedTrainer:
         self.config = config
         self.checkpoint = list(checkpoint)
         self.regularizer = Regularizer(config.regularizer)
-        self.regularizer.check(delta)
         self.update = make_update(delta, self.regularizer, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
+        self._applied = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Keep the delta applied to the model for the block (a run): its hooks are registered
+        once instead of at every step; the model is restored on exit."""
+        with self.delta.applied(self.checkpoint):
+            self._applied = True
+            try:
+                yield
+            finally:
+                self._applied = False
 
     def step(self) -> StepMetrics:
         """One optimizer step; raises :class:`NonFiniteLossError` leaving the delta as it was.
@@ -100,36 +111,45 @@ class RegularizedTrainer:
         A step that raises (non-finite loss, an interrupt inside the forward, any error) has
         already drawn its data, timestep and noise: the generator is put back to where the
         last completed step left it, so a saved resume state continues bitwise like an
-        uninterrupted run.
+        uninterrupted run.  An exception a layer raised while backward recomputed it (a
+        host's interrupt, checked in every layer, also during the checkpoint recompute) was
+        deferred by the delta (:meth:`ParameterDelta.applied`): the step completes - the
+        update may already have stepped part of the delta inside backward - and it is raised
+        after, the step counted.
         """
         drawn = self.generator.get_state()
+        deferred: list[BaseException] = []
         try:
-            return self._step()
+            metrics = self._step(deferred)
         except BaseException:
             self.generator.set_state(drawn)
             raise
+        if deferred:
+            raise deferred[0]
+        return metrics
 
-    def _step(self) -> StepMetrics:
+    def _step(self, deferred: list[BaseException]) -> StepMetrics:
         start = time.perf_counter()
         c = self.config
         self.update.zero_grad()
-        with self.delta.applied(self.checkpoint):
+        applied = contextlib.nullcontext() if self._applied else self.delta.applied(self.checkpoint)
+        with applied, self.delta.deferring(deferred):
             with self._precision():
                 denoise = self._denoise(self.data)
                 prior = self._denoise(self.prior) if self.prior is not None else None
                 loss = denoise if prior is None else denoise + c.prior_weight * prior
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at step {self.step_count + 1}: "
-                                         "lower the learning rate")
+            self.update.begin(loss)  # the step's finiteness flag starts with the loss's, on the device
             loss.backward()
-        self.update.step(self.step_count + 1)
-        self.step_count += 1
+        bad = self.update.step(self.step_count + 1)
         lip, delta_norm = self.regularizer.measure(self.delta)
         no_prior = torch.zeros((), device=denoise.device)
-        # One device-to-host copy for every metric of the step (a single synchronisation).
-        loss_v, denoise_v, prior_v, lip_v, norm_v = torch.stack(
+        # One device-to-host copy for every metric and the finiteness flag (a single sync).
+        loss_v, denoise_v, prior_v, lip_v, norm_v, bad_v = torch.stack(
             [loss.detach(), denoise.detach(), (prior if prior is not None else no_prior).detach(),
-             lip.to(denoise.device), delta_norm.to(denoise.device)]).tolist()
+             lip.to(denoise.device), delta_norm.to(denoise.device), bad.to(denoise.device)]).tolist()
+        if bad_v:
+            raise self.update.non_finite(self.step_count + 1)
+        self.step_count += 1
         return StepMetrics(
             step=self.step_count, total=c.steps, loss=loss_v + c.lam * lip_v, denoise=denoise_v,
             prior=None if prior is None else prior_v, lip=lip_v, delta_norm=norm_v,

@@ -7,13 +7,10 @@ autograd graph is built for it: :meth:`Regularizer.add_grad_` adds ``lambda * dL
 the gradients that backpropagation of ``L_denoise`` left in the trainable tensors ``x``,
 before the optimizer step.  Adam then sees exactly the gradient of the paper's summed loss.
 
-Both parametrizations of the delta are handled here, once:
-
-* :class:`~trainer.delta.ParameterDelta` (the paper's full fine-tune): the gradient of tensor
-  ``i`` is ``2 delta_i / n_i`` (``mean_sq``), ``2 delta_i`` (``sum_sq``) or ``sign(delta_i) / n_i``
-  (``l1``), added with one ``torch._foreach_add_`` per group of equal-sized tensors.
-* :class:`~trainer.lowrank.LowRankDelta` (``delta_i = B_i A_i``): ``||B A||^2 = tr(A A^T B^T B)``,
-  gradients ``c B (A A^T)`` and ``c (B^T B) A``, through ``r x r`` Gram matrices (never ``B A``).
+The gradient of tensor ``i`` is ``2 delta_i / n_i`` (``mean_sq``), ``2 delta_i`` (``sum_sq``)
+or ``sign(delta_i) / n_i`` (``l1``): for the L2 kinds Adam applies it as its weight decay
+(:meth:`Regularizer.weight_decay`), for ``l1`` it is added with one ``torch._foreach_add_`` per
+group of equal-sized tensors.
 
 :func:`paper_regularizer` is the autograd formulation, the ground truth of the tests.
 """
@@ -28,7 +25,6 @@ from torch import Tensor
 
 from .config import REGULARIZERS, ConfigError, RegularizerKind
 from .delta import ParameterDelta
-from .lowrank import LowRankDelta
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,39 +38,31 @@ class Regularizer:
         if kind not in REGULARIZERS:
             raise ConfigError("regularizer", f"unknown kind {kind!r}", f"Use one of {', '.join(REGULARIZERS)}")
         self.kind = kind
+        self._weights: dict[int, Tensor] = {}
 
     def weight(self, numel: int) -> float:
         """The per-tensor factor: ``1 / n_i`` for the per-tensor means, 1 for the plain sum."""
         return 1.0 if self.kind == "sum_sq" else 1.0 / numel
 
-    def check(self, delta: ParameterDelta) -> None:
-        if isinstance(delta, LowRankDelta) and self.kind == "l1":
-            raise ConfigError("regularizer", "the low-rank delta has no closed-form l1 gradient",
-                              "Use mean_sq (the paper) or sum_sq with the low-rank delta")
-
     # -- value ------------------------------------------------------------------------------
     @torch.no_grad()
     def measure(self, delta: ParameterDelta) -> tuple[Tensor, Tensor]:
-        """``(L_lip, ||delta||)`` as 0-d tensors, from one pass over the deltas."""
-        numels = [b.numel() for b in delta.base.values()]
-        sq = delta.sq_norms()
-        norm = torch.stack(sq).sum().sqrt()
-        if self.kind == "l1":
-            terms = [n / numel for n, numel in zip(torch._foreach_norm(delta.tensors(), 1), numels)]
-        else:
-            terms = [s * self.weight(numel) for s, numel in zip(sq, numels)]
-        return torch.stack(terms).sum(), norm
+        """``(L_lip, ||delta||)`` as 0-d tensors on the delta's device: a handful of kernels
+        (one foreach norm over all tensors, then vector ops on the per-tensor norms), no sync."""
+        tensors = delta.tensors()
+        sq = torch.stack(torch._foreach_norm(tensors)).float().square()
+        weights = self._weights.get(id(delta))
+        if weights is None:
+            weights = torch.tensor([self.weight(t.numel()) for t in tensors], device=sq.device)
+            self._weights[id(delta)] = weights
+        per_tensor = torch.stack(torch._foreach_norm(tensors, 1)).float() if self.kind == "l1" else sq
+        return (per_tensor * weights).sum(), sq.sum().sqrt()
 
     # -- gradient ---------------------------------------------------------------------------
     @torch.no_grad()
     def add_grad_(self, delta: ParameterDelta, lam: float) -> None:
         """``grad += lam * dL_lip/dx`` for every trainable tensor ``x`` of ``delta``."""
-        self.check(delta)
-        if lam == 0:
-            return
-        if isinstance(delta, LowRankDelta):
-            self._add_lowrank_grad_(delta, lam)
-        else:
+        if lam != 0:
             self.add_tensor_grads_(delta.tensors(), delta.grads(), lam)
 
     def coefficient(self, numel: int, lam: float) -> float:
@@ -87,9 +75,9 @@ class Regularizer:
         For the L2 kinds on the full delta, ``lam * dL_lip/d(delta_i) = c_i delta_i`` is exactly
         what ``torch.optim.Adam(weight_decay=c_i)`` adds to the gradient inside its kernel, so
         the optimizer can apply the regularizer with no pass of ours over the deltas.  ``None``
-        where it is not (``l1``, the low-rank factors).
+        for ``l1``, whose gradient is not proportional to the delta.
         """
-        if self.kind == "l1" or isinstance(delta, LowRankDelta):
+        if self.kind == "l1":
             return None
         return [self.coefficient(b.numel(), lam) for b in delta.base.values()]
 
@@ -111,18 +99,6 @@ class Regularizer:
             groups[key][1].append(s)
         for key, (gs, ss) in groups.items():
             torch._foreach_add_(gs, ss, alpha=self.coefficient(key, lam))
-
-    def _add_lowrank_grad_(self, delta: LowRankDelta, lam: float) -> None:
-        delta.grads()
-        for name, base in delta.base.items():
-            coef = self.coefficient(base.numel(), lam)
-            if name in delta.factored:
-                b, a = delta.factors(name)
-                b.grad.add_(b @ (a @ a.T), alpha=coef)
-                a.grad.add_((b.T @ b) @ a, alpha=coef)
-            else:
-                d = delta.delta[name]
-                d.grad.add_(d, alpha=coef)
 
 
 def paper_regularizer(

@@ -1,22 +1,28 @@
 """How a step's gradients become an update of the delta: the paper's Adam, and its lean variant.
 
-Both updates give Adam the gradient of the paper's summed loss, refuse a non-finite gradient
-before it reaches the delta, and step ``torch.optim.Adam`` (lr, no schedule, no clipping).
+Both updates give Adam the gradient of the paper's summed loss, skip a step whose gradient is
+not finite before it reaches the delta, and step one optimizer (lr, no schedule, no clipping).
 ``lambda * dL_lip/d(delta)`` comes in closed form (:mod:`trainer.objective`): for the L2 kinds
-on the full delta it is ``c_i * delta_i``, which is exactly Adam's coupled ``weight_decay`` with
-a per-tensor coefficient, so the tensors are grouped by coefficient into parameter groups and
-Adam applies it inside its own kernel (no pass of ours over the deltas); otherwise (``l1``, the
-low-rank factors, 8-bit Adam) it is added to the gradients before the step.
+it is ``c_i * delta_i``, which is exactly Adam's coupled ``weight_decay`` with a per-tensor
+coefficient, so the tensors are grouped by coefficient into parameter groups and Adam applies
+it inside its own kernel (no pass of ours over the deltas); for ``l1`` it is added to the
+gradients before the step.
 
 * :class:`AdamUpdate` - the paper's: after backward, on all tensors at once.
-* :class:`StepInBackwardUpdate` (``step_in_backward``) - each tensor's Adam steps as soon as its
-  gradient is complete and the gradient is freed, so the full set of gradients never exists at
-  once: one parameter-sized buffer less at the peak, exactly the per-tensor update of the
-  paper's (Adam has no cross-tensor coupling).
+* :class:`StepInBackwardUpdate` (``step_in_backward``) - the same optimizer, stepped during
+  backward on each bucket of about :data:`BUCKET` values whose gradients are complete, which are
+  then freed: the full set of gradients never exists at once (one parameter-sized buffer less
+  at the peak), and the update is exactly the all-at-once one (Adam has no cross-tensor
+  coupling).
+
+Finiteness costs no host sync of its own: a step's verdict is a 0-d device flag
+(:attr:`AdamUpdate.bad`); the optimizers that take it as ``found_inf`` (torch's fused Adam,
+:class:`~trainer.compact_adam.CompactAdam`) skip the update on the device, and the loop reads
+the flag with the step's metrics, in the step's one synchronisation. The other torch kernels
+(``default``, ``foreach``) cannot skip, so for them the flag is read before the step.
 
 The Adam kernel (``config.adam``) is ``default`` (what torch picks: the faithful baseline),
-``foreach``, ``fused`` (same update to 1e-6) or ``8bit`` (bitsandbytes' block-wise 8-bit
-moments: a quarter of Adam's memory and *not* the same update).
+``foreach`` or ``fused`` (the same update to 1e-6).
 """
 from __future__ import annotations
 
@@ -29,8 +35,11 @@ from torch import Tensor
 from .compact_adam import CompactAdam
 from .config import ADAM_IMPLS, AdamImpl, ConfigError, TrainConfig
 from .delta import ParameterDelta
-from .lowrank import LowRankDelta
 from .objective import NonFiniteLossError, Regularizer
+
+BUCKET = 1 << 25
+"""Gradient values a ``step_in_backward`` update holds before it steps them (128 MB in fp32;
+a tensor larger than this is a bucket of its own)."""
 
 
 def make_adam(params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
@@ -43,17 +52,10 @@ def make_adam(params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
     params = list(params)
     if config is not None and config.compact_state:
         return CompactAdam(params, lr=lr, moments=config.moments, seed=config.seed, positions=positions)
-    if impl in ("default", "foreach", "fused"):
-        kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
-        return torch.optim.Adam(params, lr=lr, weight_decay=0.0, **kernel)
-    if impl == "8bit":
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
-        except ImportError as exc:  # optional dependency
-            raise ConfigError("adam", "8-bit Adam needs bitsandbytes, which is not installed",
-                              "pip install bitsandbytes, or use adam=default") from exc
-        return bnb.optim.Adam8bit(params, lr=lr, weight_decay=0.0)
-    raise ConfigError("adam", f"unknown Adam implementation {impl!r}", f"Use one of {', '.join(ADAM_IMPLS)}")
+    if impl not in ADAM_IMPLS:
+        raise ConfigError("adam", f"unknown Adam implementation {impl!r}", f"Use one of {', '.join(ADAM_IMPLS)}")
+    kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
+    return torch.optim.Adam(params, lr=lr, weight_decay=0.0, **kernel)
 
 
 def make_update(delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> "AdamUpdate":
@@ -61,24 +63,19 @@ def make_update(delta: ParameterDelta, regularizer: Regularizer, config: TrainCo
     return cls(delta, regularizer, config)
 
 
-def _weight_decay(delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> list[float] | None:
-    """Per-tensor Adam weight decay that applies ``lambda * dL_lip``, or ``None`` (closed form)."""
-    return None if config.adam == "8bit" else regularizer.weight_decay(delta, config.lam)
-
-
 class AdamUpdate:
-    """The paper's update: the gradient of ``L_denoise + lambda L_lip``, a finiteness check,
-    one Adam step.
+    """The paper's update: the gradient of ``L_denoise + lambda L_lip``, a finiteness flag,
+    one Adam step over all tensors.
 
     :meth:`state_dict` uses one layout whatever the parameter groups: Adam's per-tensor state
     keyed by the tensor's position in ``delta.tensors()`` and one group, as a single
     ``torch.optim.Adam`` over those tensors writes it, so resume files are interchangeable
-    between the updates.
+    between the updates and the memory modes.
     """
 
     def __init__(self, delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> None:
         self.delta, self.regularizer, self.lam = delta, regularizer, config.lam
-        self.decay = _weight_decay(delta, regularizer, config)
+        self.decay = regularizer.weight_decay(delta, config.lam)
         tensors = delta.tensors()
         positions = {id(t): i for i, t in enumerate(tensors)}
         if self.decay is None:
@@ -89,26 +86,55 @@ class AdamUpdate:
                 groups.setdefault(c, []).append(t)
             self.optimizer = make_adam([{"params": ts, "weight_decay": c} for c, ts in groups.items()],
                                        config.lr, config.adam, config, positions)
-        position = {id(t): i for i, t in enumerate(tensors)}
-        self._order = [position[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        self._order = [positions[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        self._skips = isinstance(self.optimizer, CompactAdam) or config.adam == "fused"
+        self.bad: Tensor | None = None
+        """This step's verdict so far: a 0-d float flag on the device, 1 where a gradient was
+        not finite (the update of the tensors it covers was skipped)."""
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.bad = None
 
-    def step(self, step_no: int) -> None:
-        """Apply the update; raise :class:`NonFiniteLossError` leaving the delta unchanged."""
-        grads = self.delta.grads()
+    def begin(self, loss: Tensor) -> None:
+        """Start the step's flag from the loss: a non-finite loss skips the update even where
+        its gradient came out finite."""
+        self.bad = torch.isfinite(loss.detach()).logical_not().float()
+
+    def step(self, step_no: int) -> Tensor:
+        """Apply the update (skipped on the device where the gradient is not finite) and
+        return the step's flag; the loop raises :class:`NonFiniteLossError` when it is set."""
+        self.delta.grads()
+        self._step_tensors(self.delta.tensors())
+        return self.bad
+
+    def non_finite(self, step_no: int | None = None) -> NonFiniteLossError:
+        """The error for a step whose flag is set."""
+        return NonFiniteLossError(f"gradient became non-finite{_at(step_no)}: lower the learning rate")
+
+    def _step_tensors(self, params: list[Tensor]) -> None:
+        """Flag, regularize and step ``params`` (the others have no gradient, so the optimizer
+        passes them by)."""
+        grads = [p.grad for p in params]
         if self.decay is None:
-            self.regularizer.add_grad_(self.delta, self.lam)
-        if not torch.isfinite(torch.stack(torch._foreach_norm(grads)).norm()):
-            self.zero_grad()
-            raise NonFiniteLossError(f"gradient became non-finite at step {step_no}: lower the learning rate")
+            self.regularizer.add_tensor_grads_(params, grads, self.lam)
+        bad = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).logical_not().float()
+        self.bad = bad if self.bad is None else torch.maximum(self.bad, bad)
+        if self._skips:
+            self.optimizer.found_inf = self.bad
+        elif bool(self.bad):
+            raise self.non_finite()
         self.optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
+        """The moments on the CPU, decoded one tensor at a time (at most one tensor's copy on
+        the device at once), keyed by the tensor's position in the delta."""
         own = self.optimizer.state_dict()
         group = {k: v for k, v in own["param_groups"][0].items() if k not in ("params", "weight_decay")}
-        return {"state": {self._order[i]: s for i, s in own["state"].items()},
+        state = {}
+        for i, s in own["state"].items():
+            state[self._order[i]] = {k: v.to("cpu") for k, v in s.items()}
+        return {"state": state,
                 "param_groups": [{**group, "weight_decay": 0.0, "params": list(range(len(self._order)))}]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -119,70 +145,58 @@ class AdamUpdate:
 
 
 class StepInBackwardUpdate(AdamUpdate):
-    """One Adam per delta tensor, stepped from the tensor's post-accumulate-grad hook.
+    """:class:`AdamUpdate`'s optimizer, stepped from the delta tensors' post-accumulate-grad
+    hooks a bucket at a time.
 
-    Tensors the forward did not reach get their step in :meth:`step`, with a zero denoising
-    gradient, as the all-at-once update gives them.  ``state_dict`` has the layout of one
-    ``torch.optim.Adam`` over the same tensors, so resume files are interchangeable.
+    A tensor's gradient is complete when its hook runs; once the pending ones reach
+    :data:`BUCKET` values they step and their gradients are freed.  :meth:`step` steps the rest,
+    and the tensors the forward did not reach with a zero denoising gradient, as the
+    all-at-once update gives them.  A non-finite gradient skips its bucket and every later one;
+    the buckets stepped before it cannot be taken back (the error says so).
     """
 
     def __init__(self, delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> None:
-        if isinstance(delta, LowRankDelta):
-            raise ConfigError("step_in_backward", "B and A of a low-rank weight share one regularizer term",
-                              "Use step_in_backward with the full delta only")
-        self.delta, self.regularizer, self.lam = delta, regularizer, config.lam
-        self.params = delta.tensors()
-        self.decay = _weight_decay(delta, regularizer, config)
-        self.optimizers = [make_adam([p] if self.decay is None else [{"params": [p], "weight_decay": c}],
-                                     config.lr, config.adam, config, {id(p): i})
-                           for i, (p, c) in enumerate(zip(self.params, self.decay or [0.0] * len(self.params)))]
-        self._index = {id(p): i for i, p in enumerate(self.params)}
-        self._stepped: set[int] = set()
-        self._bad: Tensor | None = None
+        super().__init__(delta, regularizer, config)
+        self._pending: list[Tensor] = []
+        self._pending_numel = 0
+        self._reached: set[int] = set()
         # The hooks live on the delta tensors and must not keep this object alive: a tensor's
         # hooks are invisible to Python's cycle collector, so a bound method here would leak
         # the whole optimizer state (a full-size run's 7 GB of moments) after every run.
         ref = weakref.ref(self)
         self._handles = [p.register_post_accumulate_grad_hook(lambda t, ref=ref: ref()._hook(t))
-                         for p in self.params]
+                         for p in delta.tensors()]
 
     def _hook(self, p: Tensor) -> None:
-        i = self._index[id(p)]
-        if self.decay is None:
-            self.regularizer.add_tensor_grads_([p], [p.grad], self.lam)
-        bad = ~torch.isfinite(p.grad).all()
-        self._bad = bad if self._bad is None else self._bad | bad
-        self.optimizers[i].step()
-        p.grad = None
-        self._stepped.add(i)
+        self._reached.add(id(p))
+        self._pending.append(p)
+        self._pending_numel += p.numel()
+        if self._pending_numel >= BUCKET:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending, self._pending_numel = self._pending, [], 0
+            self._step_tensors(pending)
+            for p in pending:
+                p.grad = None
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-        self._stepped.clear()
-        self._bad = None
+        super().zero_grad()
+        self._pending, self._pending_numel, self._reached = [], 0, set()
 
-    def step(self, step_no: int) -> None:
-        for i, p in enumerate(self.params):
-            if i not in self._stepped:
+    def step(self, step_no: int) -> Tensor:
+        for p in self.delta.tensors():
+            if id(p) not in self._reached:
                 p.grad = torch.zeros_like(p)
-                self._hook(p)
-        self._stepped.clear()
-        if self._bad is not None and bool(self._bad):
-            raise NonFiniteLossError(f"gradient became non-finite at step {step_no}: lower the learning rate "
-                                     "(step_in_backward: tensors reached before it were already updated)")
+                self._pending.append(p)
+        self._flush()
+        return self.bad
 
-    def state_dict(self) -> dict[str, Any]:
-        state = {i: opt.state_dict()["state"][0] for i, opt in enumerate(self.optimizers)
-                 if 0 in opt.state_dict()["state"]}
-        group = {k: v for k, v in self.optimizers[0].state_dict()["param_groups"][0].items()
-                 if k not in ("params", "weight_decay")}
-        return {"state": state,
-                "param_groups": [{**group, "weight_decay": 0.0, "params": list(range(len(self.params)))}]}
+    def non_finite(self, step_no: int | None = None) -> NonFiniteLossError:
+        return NonFiniteLossError(f"gradient became non-finite{_at(step_no)}: lower the learning rate "
+                                  "(step_in_backward: the buckets stepped before it were already updated)")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = {int(i): s for i, s in state["state"].items()}
-        for i, opt in enumerate(self.optimizers):
-            own = opt.state_dict()
-            own["state"] = {0: saved[i]} if i in saved else {}
-            opt.load_state_dict(own)
+
+def _at(step_no: int | None) -> str:
+    return "" if step_no is None else f" at step {step_no}"
