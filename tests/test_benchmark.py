@@ -1,15 +1,17 @@
 """The benchmark runner in-process: the protocol read from the real benchmark folder, one row per
 job, resume from the finished jobs' files, failures retried then reported, never mixed settings.
 
-Tiny random diffusers SD1.5 and encoders (written here with ``save_pretrained``), the real
-DreamBooth folder (``../shared/datasets/dreambooth512``, or ``$BENCHMARK_DATA``), 64 px, two
-training steps, two prompts x one image, two sampling steps.
+Tiny random diffusers SD1.5 and encoders (written here with ``save_pretrained``), a stand-in
+DreamBooth folder (the benchmark's own ``prompts_and_classes.txt`` from ``tests/data/dreambooth``,
+the shipped ``tests/data/dog`` photos in every subject's folder: no dataset beside the
+repository is needed), 64 px, two training steps, two prompts x one image, two sampling steps.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,8 +22,7 @@ from tools.benchmark import __main__ as cli
 from tools.benchmark import protocol, runner
 from tools.benchmark.job import Job, Settings, write_json
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("BENCHMARK_DATA", REPO_ROOT.parent / "shared" / "datasets" / "dreambooth512"))
+TEST_DATA = Path(__file__).resolve().parent / "data"
 TINY = dict(steps=2, resolution=64, prompts=2, images_per_prompt=1, sample_steps=2, drift_classes=2, drift_images=1)
 
 
@@ -31,9 +32,26 @@ def tiny_benchmark_models(tmp_path_factory) -> dict[str, str]:
     return cli.smoke_models(tmp_path_factory.mktemp("benchmark_models"))
 
 
+@pytest.fixture(scope="session")
+def benchmark_data(tmp_path_factory) -> Path:
+    """The benchmark's layout: its index and one folder of photos per subject (links to the
+    shipped dog photos)."""
+    root = tmp_path_factory.mktemp("dreambooth")
+    index = (TEST_DATA / "dreambooth" / protocol.INDEX).read_text()
+    (root / protocol.INDEX).write_text(index)
+    photos = sorted((TEST_DATA / "dog").glob("*.jpg"))
+    for name in re.findall(r"^([\w-]+),", index.split("Prompts")[0], flags=re.MULTILINE):
+        if name == "subject_name":  # the table's header
+            continue
+        (root / name).mkdir()
+        for photo in photos:
+            (root / name / photo.name).symlink_to(photo)
+    return root
+
+
 @pytest.fixture
-def settings(tiny_benchmark_models, tmp_path) -> Settings:
-    return Settings(data=str(DATA), out=str(tmp_path / "out"), **tiny_benchmark_models, **TINY)
+def settings(tiny_benchmark_models, benchmark_data, tmp_path) -> Settings:
+    return Settings(data=str(benchmark_data), out=str(tmp_path / "out"), **tiny_benchmark_models, **TINY)
 
 
 def _rows(out: str) -> list[dict]:
@@ -41,8 +59,8 @@ def _rows(out: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_the_protocol_is_read_from_the_benchmark_folder():
-    bench = protocol.read_benchmark(DATA)
+def test_the_protocol_is_read_from_the_benchmark_folder(benchmark_data):
+    bench = protocol.read_benchmark(benchmark_data)
     assert len(bench.subjects) == 30 and len(bench.object_prompts) == len(bench.live_prompts) == 25
     dog, can = bench.subjects["dog"], bench.subjects["can"]
     assert dog.live and not can.live and bench.subjects["bear_plushie"].class_name == "stuffed animal"
@@ -54,15 +72,15 @@ def test_the_protocol_is_read_from_the_benchmark_folder():
     assert protocol.expand(bench.prompts(can, 2), 2)[1] == seeds  # every subject samples from the same noise
     assert protocol.drift_prompts(3) == ["a photo of a tench", "a photo of a hamster", "a photo of a mortar"]
     with pytest.raises(protocol.ProtocolError, match="--drift-prompts .*: no such file"):
-        protocol.drift_prompts(3, DATA / "drift.txt")
+        protocol.drift_prompts(3, benchmark_data / "drift.txt")
     with pytest.raises(protocol.ProtocolError, match="unknown dgo"):
         protocol.select(bench, ["dog", "dgo"])
 
 
-def test_a_folder_that_is_not_the_benchmark_is_refused_before_any_work(tmp_path):
+def test_a_folder_that_is_not_the_benchmark_is_refused_before_any_work(tmp_path, benchmark_data):
     with pytest.raises(protocol.ProtocolError, match="no prompts_and_classes.txt"):
         protocol.read_benchmark(tmp_path)
-    (tmp_path / "prompts_and_classes.txt").write_text((DATA / "prompts_and_classes.txt").read_text())
+    (tmp_path / "prompts_and_classes.txt").write_text((benchmark_data / "prompts_and_classes.txt").read_text())
     with pytest.raises(protocol.ProtocolError, match="no photos for backpack, backpack_dog"):
         protocol.read_benchmark(tmp_path)
 
@@ -123,16 +141,17 @@ def test_results_of_other_settings_are_not_mixed_in(settings):
         runner.check_settings(replace(settings, steps=3))
 
 
-def test_the_command_line_says_what_is_missing(tmp_path, monkeypatch, capsys):
+def test_the_command_line_says_what_is_missing(tmp_path, benchmark_data, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="missing --model, --clip, --dino"):
-        cli.main(["--data", str(DATA), "--out", str(tmp_path)])
+        cli.main(["--data", str(benchmark_data), "--out", str(tmp_path)])
     monkeypatch.setitem(sys.modules, "ray", None)  # ray not installed
     with pytest.raises(SystemExit, match=r"--ray needs the optional package ray \(pip install"):
-        cli.main(["--data", str(DATA), "--out", str(tmp_path), "--ray", "--smoke"])
+        cli.main(["--data", str(benchmark_data), "--out", str(tmp_path), "--ray", "--smoke"])
 
 
 def test_plot_ticks_tell_apart_a_metric_that_moves_in_its_fourth_digit():
-    plot = runner._plot_module()
+    from lipschitz_personalize.trainer.render import plot
+
     for lo, hi in ((0.30006, 0.30011), (0.9966, 0.9969), (-0.12295, -0.12277), (0.0, 1.5)):
         labels = plot._labels(plot._ticks(lo, hi))
         assert len(set(labels)) == len(labels), labels

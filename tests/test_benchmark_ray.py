@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("ray", reason="ray is a test dependency (requirements-dev.txt)")
 
-from test_benchmark import _rows, settings, tiny_benchmark_models  # noqa: E402,F401 - shared fixtures
+from test_benchmark import _rows, benchmark_data, settings, tiny_benchmark_models  # noqa: E402,F401 - shared fixtures
 from tools.benchmark import runner  # noqa: E402
 from tools.benchmark.ray_jobs import run_on_ray  # noqa: E402
 
