@@ -27,7 +27,7 @@ from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
 from ...trainer.loop import CachedExamples, RegularizedTrainer
 from ...trainer.metrics import TrainingLog
 from .anchor import Anchor, choose_anchor, read_anchor, require_addable
-from .attention import sage_note
+from .attention import attention_note
 from .delta_file import (DEFAULT_DELTA_DTYPE, DELTA_DTYPES, TrainedDelta, file_nbytes, load_delta_file,
                          moment_format, run_key, save_delta_file, trainer_state)
 from .encode import encode_images, encode_prompt
@@ -120,7 +120,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
                    "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
                   [images] + ([class_images] if class_images is not None else []))
     meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
-            "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
+            "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision, "tf32": str(config.tf32),
             "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
             "memory": mode, "anchor_dtype": anchor.name, "anchor": anchor.why}
     label = f"lambda={config.lam:g}"
@@ -134,7 +134,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         progress.finish("loaded")
         training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
     else:
-        progress.text("\n".join(n for n in (plan, dynamic_note, sage_note()) if n))
+        progress.text("\n".join(n for n in (plan, dynamic_note, attention_note()) if n))
         with torch.inference_mode(False):
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.
