@@ -68,6 +68,10 @@ class LipschitzPersonalize(io.ComfyNode):
                 io.Float.Input("prior_weight", default=DEFAULTS.prior_weight, min=0.0, max=1000.0, step=0.1, optional=True),
                 io.Combo.Input("sampling", options=list(SAMPLING), default="patch", optional=True,
                                tooltip=SAMPLING_TOOLTIP),
+                io.Boolean.Input("tf32", default=DEFAULTS.tf32, optional=True,
+                                 tooltip="Off (the paper): fp32 matmuls and convolutions are strict fp32. On: NVIDIA "
+                                         "GPUs (Ampere and later) compute them with TF32 inputs, faster and slightly "
+                                         "less exact. No effect on a CPU"),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -83,10 +87,10 @@ class LipschitzPersonalize(io.ComfyNode):
                 gradient_checkpointing=DEFAULTS.gradient_checkpointing, batch_size=DEFAULTS.batch_size,
                 resolution=DEFAULTS.resolution, resume=False, class_images=None, class_prompt="",
                 prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE, memory="auto",
-                sampling="patch") -> io.NodeOutput:
+                sampling="patch", tf32=DEFAULTS.tf32) -> io.NodeOutput:
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer, seed=seed,
                              batch_size=batch_size, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
-                             prior_weight=prior_weight, precision=precision)
+                             prior_weight=prior_weight, precision=precision, tf32=tf32)
         spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory,
                        cls.hidden.prompt, sampling)
         return io.NodeOutput(*personalize(spec, cls.hidden.unique_id or "0"))

@@ -1,11 +1,12 @@
 """Guards for the ComfyUI users run, which this CPU cannot run for real.
 
 Current ComfyUI (read in its source, not run: see the README) turns dynamic VRAM on by default,
-and ``--novram``/``--lowvram`` or a short card load the U-Net partially; ``--use-sage-attention``
-swaps attention for a kernel with no backward pass.  Without a GPU ComfyUI never takes these
+and ``--novram``/``--lowvram`` or a short card load the U-Net partially; ``--use-sage-attention``,
+``--use-flash-attention`` and ``--use-ck-attention`` swap attention for a kernel with no backward pass.  Without a GPU ComfyUI never takes these
 paths, so each guard is driven here by the closest honest stand-in: a real 0.3.75 patcher that
 reports ``is_dynamic()``, a real U-Net with a tensor on another device (``meta``), and ComfyUI's
-own attention dispatch pointed at a kernel that refuses backward.  The dynamic-VRAM refusal also
+own attention dispatch pointed at stand-in kernels (no backward, a custom op without autograd, the
+split variant).  The dynamic-VRAM refusal also
 runs through a real server (``tests/test_reliability_inputs.py``, ``dynamic-vram``).
 """
 from __future__ import annotations
@@ -71,32 +72,73 @@ def test_a_weight_left_off_the_training_device_is_refused_naming_novram(model):
     assert "--novram or --lowvram" in err.value.fix
 
 
-def test_training_under_sage_attention_uses_an_attention_with_a_backward(model, monkeypatch):
-    import comfy.ldm.modules.attention as attention
-    import comfy.model_management
+def _split_heads(q, k, v, heads):
+    b, n, c = q.shape
+    return [t.view(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
 
-    from lipschitz_personalize.nodes.host import attention as host_attention
-    from lipschitz_personalize.nodes.host import model as host_model
-    calls = []
+
+@torch.library.custom_op("lipschitz_test::forward_only_attention", mutates_args=())
+def _forward_only_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Like ``--use-flash-attention``'s ``torch.library`` op: a forward, no autograd formula."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _stand_in(kind: str, calls: list):
+    """An attention function as ComfyUI calls it, standing in for a backend this CPU lacks."""
+    import comfy.ldm.modules.attention as attention
+
+    if kind == "split":  # ComfyUI's own: a backward, different arithmetic
+        return attention.attention_split
 
     @attention.wrap_attn
-    def forward_only(*args, **kwargs):  # like SageAttention's kernel: no backward
-        calls.append(1)
-        with torch.no_grad():
-            return attention.attention_pytorch(*args, **kwargs)
+    def backend(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                **kwargs):
+        calls.append(kind)
+        if kind == "no-grad":  # like SageAttention's kernel: no backward
+            with torch.no_grad():
+                return attention.attention_pytorch(q, k, v, heads, **kwargs)
+        out = _forward_only_op(*_split_heads(q, k, v, heads))
+        return out.transpose(1, 2).reshape(q.shape)
 
-    monkeypatch.setattr(attention, "optimized_attention", forward_only)
-    monkeypatch.setattr(comfy.model_management, "sage_attention_enabled", lambda: True)
-    assert "SageAttention" in host_attention.sage_note()
-    loaded = host_model.load_for_training(model, torch.float32)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=g, requires_grad=True)
-    t, cond = torch.tensor([500.0]), torch.randn(1, 77, 768, generator=g)
-    with torch.inference_mode(False), torch.enable_grad():
-        loaded.eps(x, t, cond).square().mean().backward()
-        assert not calls, "the training reached the forward-only kernel"
-        through_override, x.grad = x.grad, None
-        # Without the override ComfyUI's dispatch reaches the forward-only kernel and the
-        # attention's share of the gradient silently vanishes.
-        loaded.unet(x, t, context=cond).float().square().mean().backward()
-        assert calls and not torch.allclose(x.grad, through_override, rtol=1e-3, atol=1e-6)
+    backend.__name__ = {"no-grad": "attention_sage", "custom-op": "attention_flash"}[kind]
+    return backend
+
+
+def _delta_after_two_steps(model) -> dict[str, torch.Tensor]:
+    """The node's training (``run._trainer`` on ``load_for_training``), two faithful steps."""
+    from lipschitz_personalize.nodes.host import model as host_model
+    from lipschitz_personalize.nodes.host import run
+    from lipschitz_personalize.nodes.host.anchor import Anchor
+    from lipschitz_personalize.trainer.config import TrainConfig
+
+    anchor = Anchor(torch.float32, None, "", "the model")
+    config = TrainConfig(steps=2, lr=1e-4, lam=500.0, seed=3, resolution=64)
+    g = torch.Generator().manual_seed(4)
+    latents, cond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
+    with torch.inference_mode(False):
+        trainer = run._trainer(host_model.load_for_training(model, torch.float32), anchor, latents, cond, None, config)
+        trainer.step(), trainer.step()
+        return {n: d.detach().clone() for n, d in trainer.delta.delta.items()}
+
+
+@pytest.mark.parametrize("kind", ["no-grad", "custom-op", "split"])
+def test_training_computes_pytorchs_attention_whatever_backend_comfyui_runs(model, monkeypatch, kind):
+    """SageAttention's kernel has no backward (the attention's gradient vanishes), FlashAttention's
+    custom op has none (backward fails), the split variant has its own arithmetic: with any of
+    them as ComfyUI's attention the training moves the delta exactly as with PyTorch's, and the
+    node names the backend it replaced."""
+    import comfy.ldm.modules.attention as attention
+
+    from lipschitz_personalize.nodes.host import attention as host_attention
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    assert host_attention.attention_note() is None
+    reference = _delta_after_two_steps(model)
+    calls = []
+    monkeypatch.setattr(attention, "optimized_attention", _stand_in(kind, calls))
+    trained = _delta_after_two_steps(model)
+    assert max(float(d.abs().max()) for d in reference.values()) > 1e-5  # the steps moved the delta
+    for name, d in reference.items():
+        assert torch.equal(trained[name], d), name
+    assert not calls, "the training reached the backend"
+    expected = {"no-grad": "SageAttention", "custom-op": "FlashAttention", "split": "--use-split-cross-attention"}
+    assert expected[kind] in host_attention.attention_note()

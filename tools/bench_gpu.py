@@ -3,6 +3,8 @@
 
     python tools/bench_gpu.py                 # what `make bench-gpu` runs (needs CUDA)
     python tools/bench_gpu.py --device cpu --tiny --latents 8 --steps 2 --warmup 1 --caps   # dry run
+    python tools/bench_gpu.py --check         # the prepared GPU check, <= 7 min on one H100
+    python tools/bench_gpu.py --dry-run       # the check on the CPU (tests/test_bench_gpu.py)
 
 ComfyUI's ``UNetModel`` with the SD1.5 configuration (859.5M parameters), batch 1, gradient
 checkpointing, lambda 500, lr 2e-6.  For every memory mode (:mod:`trainer.memory`) it prints one
@@ -20,7 +22,9 @@ JSON line per figure, ``{"name", "value", "unit", ...}``:
   ``gpu_rel_diff_faithful_default_adam`` compares the fused kernel with torch's default Adam.
 
 The anchor is what the mode says: the fp32 weights for ``faithful``/``lean``, the fp16 model (as
-ComfyUI stores SD1.5 on a GPU) for ``12gb``/``8gb``.  TF32 is off: the faithful modes are fp32.
+ComfyUI stores SD1.5 on a GPU) for ``12gb``/``8gb``.  TF32 is what each run's config states
+(:mod:`trainer.precision`): off, strict fp32, unless a probe asks for ``{"tf32": true}``.
+``--check`` is the prepared GPU check (:mod:`gpu_check`; ``--dry-run``: on the CPU).
 Exits with status 2 and a message when ``--device cuda`` has no CUDA device.
 """
 from __future__ import annotations
@@ -49,8 +53,13 @@ PROBES: dict[str, tuple[str, dict[str, Any]]] = {
 USABLE = 0.92
 
 
-def emit(name: str, value: Any, unit: str, **extra: Any) -> None:
-    print(json.dumps({"name": name, "value": value, "unit": unit, **extra}), flush=True)
+def emit(name: str, value: Any, unit: str, sink=None, **extra: Any) -> None:
+    """One figure as a JSON line on stdout (and in ``sink``, a file, where given)."""
+    line = json.dumps({"name": name, "value": value, "unit": unit, **extra})
+    print(line, flush=True)
+    if sink is not None:
+        sink.write(line + "\n")
+        sink.flush()
 
 
 class Bench:
@@ -69,36 +78,45 @@ class Bench:
             self.torch.cuda.empty_cache()
             self.torch.cuda.reset_peak_memory_stats()
 
-    def run(self, mode: str, latent: int, steps: int, warmup: int, anchor: str | None = None,
-            **overrides: Any) -> dict[str, Any]:
-        """Train ``steps`` (+ ``warmup``) steps of ``mode``; time, peak and the final delta."""
+    def trainer(self, mode: str, latent: int, anchor: str | None = None, **overrides: Any):
+        """A trainer of ``mode`` on a fresh U-Net holding the benchmark's weights, stored as the
+        anchor ``mode`` says (the fp16 model as ComfyUI stores SD1.5 on a GPU, or fp32)."""
         torch = self.torch
         from bench_models import make_unet, mode_trainer
         from lipschitz_personalize.trainer.memory import MODES
 
-        self._reset()
         unet = make_unet(tiny=self.args.tiny, device=self.args.device, init=False)
         unet.load_state_dict(self.weights)
-        if anchor is None:  # ComfyUI stores SD1.5 in fp16 on a GPU
+        if anchor is None:
             anchor = "fp16" if MODES[mode].anchor == "model" and self.cuda else "fp32"
         unet = unet.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[anchor])
-        trainer = mode_trainer(unet, mode, latent, **overrides)
+        return mode_trainer(unet, mode, latent, **overrides)
+
+    def run(self, mode: str, latent: int, steps: int, warmup: int, anchor: str | None = None,
+            **overrides: Any) -> dict[str, Any]:
+        """Train ``steps`` (+ ``warmup``) steps of ``mode``; time, peak and the final delta."""
+        torch = self.torch
+        from trainer.precision import tf32_as_configured
+
+        self._reset()
+        trainer = self.trainer(mode, latent, anchor, **overrides)
         delta = trainer.delta
         sync = torch.cuda.synchronize if self.cuda else (lambda: None)
-        for _ in range(warmup):
-            trainer.step()
-        sync()
-        resident = torch.cuda.memory_allocated() / 1e9 if self.cuda else None
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.step()
-        sync()
+        with tf32_as_configured(trainer.config.tf32):
+            for _ in range(warmup):
+                trainer.step()
+            sync()
+            resident = torch.cuda.memory_allocated() / 1e9 if self.cuda else None
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            sync()
         seconds = time.perf_counter() - start
         out = {"s_per_step": seconds / max(steps, 1),
                "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None,
                "resident_gb": resident,
                "delta": delta.state_dict(torch.float32)}
-        del trainer, delta, unet
+        del trainer, delta
         self._reset()
         return out
 
@@ -147,8 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", action="store_true", help="attribute the compact modes' deviation (see PROBES)")
     p.add_argument("--probe", type=_probe, nargs="*", default=[],
                    help='probes of your own instead of PROBES, NAME:MODE:JSON (e.g. 12gb_fp32:12gb:{"precision": "fp32"})')
+    p.add_argument("--check", action="store_true",
+                   help="the prepared GPU check (tools/gpu_check.py): per mode and compute, step and phase times, "
+                        "launches, syncs, peak memory, distance from faithful; JSON lines also to --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--check on the CPU with the tiny U-Net at 64 px and 3 steps, no budget (what the tests run)")
+    p.add_argument("--computes", nargs="+", choices=["fp32", "tf32", "bf16"], default=["fp32", "tf32", "bf16"])
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="--check: start no configuration after this many seconds (the whole check stays under 7 min)")
+    p.add_argument("--out", type=Path, help="--check: the JSON lines file (default docs/gpu/check_<date>.jsonl)")
     args = p.parse_args(argv)
     args.probe = dict(args.probe)
+    if args.dry_run:
+        args.check, args.device, args.tiny, args.latents, args.steps, args.warmup = True, "cpu", True, [8], 3, 1
+        args.budget_s = float("inf")
 
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,11 +188,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bench_models import comfy_ready
     comfy_ready(cpu=not args.device.startswith("cuda"))
-    torch.backends.cuda.matmul.allow_tf32 = False  # the faithful modes are real fp32
-    torch.backends.cudnn.allow_tf32 = False
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     meta = {"device": device_name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
     bench = Bench(args)
+    if args.check:
+        import gpu_check
+
+        out = args.out or Path(__file__).resolve().parent.parent / "docs" / "gpu" / f"check_{meta['date']}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as sink:
+            def to_both(*a: Any, **k: Any) -> None:
+                emit(*a, sink=sink, **k)
+            return gpu_check.check(bench, args, to_both, compare,
+                                   {**meta, "dry_run": args.dry_run, "command": "python tools/bench_gpu.py "
+                                    + " ".join(argv if argv is not None else sys.argv[1:])})
     timed = args.latents[-1]
     px = timed * 8
     reference = None

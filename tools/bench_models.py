@@ -100,8 +100,14 @@ def make_data(latent: int, device: str | torch.device, images: int = 4, seed: in
 
 
 def eps_fn(unet: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The U-Net's eps with PyTorch's attention whatever ComfyUI chose, as the node trains
+    (``nodes/host/attention.py``)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    options = {"optimized_attention_override": lambda func, *args, **kwargs: attention_pytorch(*args, **kwargs)}
+
     def run(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return unet(x, t.float(), context=c).float()
+        return unet(x, t.float(), context=c, transformer_options=options).float()
     return run
 
 

@@ -54,6 +54,11 @@ class TrainConfig:
     # Options: each default is the paper's fp32 path (docs/performance.md measures each).
     precision: Precision = "fp32"
     """``bf16``: the forward and backward compute in bf16; deltas, gradients and Adam stay fp32."""
+    tf32: bool = False
+    """Let fp32 matmuls and convolutions on NVIDIA GPUs (Ampere and later) take TF32 inputs (10-bit
+    mantissa, fp32 accumulation): faster.  Off (the paper) is strict fp32, whatever PyTorch's
+    process-wide default; :func:`trainer.precision.tf32_as_configured` sets and restores the flags
+    around the run.  No effect on a CPU."""
     adam: AdamImpl = "default"
     """Adam kernel (:mod:`trainer.optim`): each computes the paper's update."""
     step_in_backward: bool = False
@@ -87,6 +92,8 @@ class TrainConfig:
              f"prior weight must be a finite number >= 0, got {self.prior_weight!r}", "Use 1.0 (DreamBooth)"),
             ("precision", self.precision in PRECISIONS, f"unknown precision {self.precision!r}",
              "Use fp32 (the paper) or bf16"),
+            ("tf32", isinstance(self.tf32, bool), f"tf32 must be true or false, got {self.tf32!r}",
+             "Use false (strict fp32, the paper) or true (TF32 matmuls on NVIDIA GPUs)"),
             ("adam", self.adam in ADAM_IMPLS, f"unknown Adam implementation {self.adam!r}",
              f"Use one of {', '.join(ADAM_IMPLS)}"),
             ("moments", self.moments in MOMENT_FORMATS, f"unknown moment format {self.moments!r}",

@@ -27,6 +27,7 @@ import torch
 from .loop import RegularizedTrainer
 from .metrics import StepMetrics
 from .objective import NonFiniteLossError
+from .precision import tf32_as_configured
 
 Status = Literal["completed", "cancelled", "diverged"]
 THREAD_NAME = "lipschitz-train"
@@ -47,8 +48,10 @@ def run(trainer: RegularizedTrainer, on_step: Callable[[StepMetrics], None],
     total = trainer.config.steps
     first, started = trainer.step_count, time.perf_counter()
     # Grad mode is thread-local: ComfyUI runs nodes under inference_mode, which must not leak
-    # into (or be changed for) anything but this loop.
-    with _os_thread_named(THREAD_NAME), torch.inference_mode(False), torch.enable_grad(), trainer.running():
+    # into (or be changed for) anything but this loop.  TF32 is the config's choice, not the
+    # process's (trainer/precision.py).
+    with _os_thread_named(THREAD_NAME), torch.inference_mode(False), torch.enable_grad(), \
+            tf32_as_configured(trainer.config.tf32), trainer.running():
         try:
             while trainer.step_count < total:
                 if stop():

@@ -16,8 +16,8 @@ import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
 
-from .attention import backward_safe_options
 from ...trainer.errors import NodeInputError
+from .attention import training_options
 
 if TYPE_CHECKING:
     from .anchor import Anchor
@@ -111,7 +111,7 @@ class LoadedUNet:
     device: torch.device
     dtype: torch.dtype
     transformer_options: dict
-    """Passed to every forward: with SageAttention on, an attention that has a backward."""
+    """Passed to every forward: PyTorch's attention, whatever ComfyUI samples with (:mod:`.attention`)."""
 
     def eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.unet(x_t.to(self.dtype), t.float(), context=cond.to(self.dtype),
@@ -131,8 +131,7 @@ def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
     device = torch.device(patcher.load_device)
     require_on_device(patcher.model.diffusion_model.named_parameters(), device)
-    options = backward_safe_options()
-    return LoadedUNet(patcher, patcher.model.diffusion_model, device, dtype, options)
+    return LoadedUNet(patcher, patcher.model.diffusion_model, device, dtype, training_options())
 
 
 def require_on_device(tensors, device: torch.device, what: str = "U-Net weights") -> None:

@@ -29,7 +29,7 @@ from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
 from ...trainer.metrics import TrainingLog
 from ...trainer.render.images import resize_batch
 from .anchor import Anchor, choose_anchor, read_anchor, require_addable
-from .attention import sage_note
+from .attention import attention_note
 from .encode import encode_images, encode_prompt
 from .folders import auto_path, evict_auto, gb, mark_used, partial_path
 from .model import (LoadedUNet, TrainingMemory, alphas_cumprod, checkpoint_units, fingerprint, load_for_training,
@@ -115,7 +115,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
                    "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
                   [images] + ([class_images] if class_images is not None else []))
     meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
-            "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
+            "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision, "tf32": str(config.tf32),
             "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
             "memory": mode, "anchor_dtype": anchor.name, "anchor": anchor.why}
     label = f"lambda={config.lam:g}"
@@ -129,7 +129,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         progress.finish("loaded")
         training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
     else:
-        progress.text("\n".join(n for n in (plan, dynamic_note, sage_note()) if n))
+        progress.text("\n".join(n for n in (plan, dynamic_note, attention_note()) if n))
         with torch.inference_mode(False):
             # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
             # or updated in place.
