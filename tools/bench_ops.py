@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     old = record.get(unet, {}).get(args.label, {}).get("overhead", {})
     row = {"label": args.label, "unet": unet, "latent": LATENT,
            "bare_ops": counts["bare"], "overhead": {**old, **{m: counts[m] - counts["bare"] for m in args.modes}},
-           "date": datetime.date.today().isoformat(),
+           "targets": TARGETS, "within_faithful": WITHIN_FAITHFUL, "date": datetime.date.today().isoformat(),
            "command": "python " + " ".join(shlex.quote(a) for a in ["tools/bench_ops.py", *(argv or sys.argv[1:])])}
     print(json.dumps(row))
     if not args.no_record:
