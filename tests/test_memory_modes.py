@@ -154,13 +154,11 @@ def test_estimate_counts_the_resident_state_exactly(mode):
     largest = max(t.numel() for t in delta.tensors())
     est = estimate(mode, params, largest, anchor_bytes=4, resolution=64)
     resident_delta = sum(t.numel() * t.element_size() for t in delta.tensors())
-    opts = trainer.update.optimizers if hasattr(trainer.update, "optimizers") else [trainer.update.optimizer]
     moments = 0
-    for opt in opts:
-        for s in opt.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                parts = s[key].values() if isinstance(s[key], dict) else [s[key]]
-                moments += sum(t.numel() * t.element_size() for t in parts)
+    for s in trainer.update.optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            parts = s[key].values() if isinstance(s[key], dict) else [s[key]]
+            moments += sum(t.numel() * t.element_size() for t in parts)
     assert est.parts["delta"] == resident_delta
     assert est.parts["anchor"] == params * 4
     per_value = {"fp32": 8, "bf16": 4, "fp8": 2}[MODES[mode].options["moments"]]
