@@ -1,6 +1,7 @@
 """The loop and the job that runs it: determinism, cancel, errors, NaN guard, grad mode."""
 from __future__ import annotations
 
+import random
 import threading
 import traceback
 
@@ -238,3 +239,65 @@ def test_an_error_in_on_step_stops_the_run_after_that_step():
     with pytest.raises(KeyboardInterrupt):
         job.run(trainer, interrupted)
     assert trainer.step_count == 2
+
+
+class _Interrupted(Exception):
+    """What a host raises when the user cancels (ComfyUI: InterruptProcessingException)."""
+
+
+class _HostLinear(torch.nn.Linear):
+    """A layer that checks for a cancel request at its entry, as ComfyUI's layers do (also when
+    backward recomputes them); a request raises once (ComfyUI clears its flag as it raises).
+    Here only the first layer checks: backward recomputes it last, after the later layers'
+    tensors have stepped."""
+
+    requested = False
+
+    def __init__(self, *args, checks: bool = False) -> None:
+        super().__init__(*args)
+        self.checks = checks
+
+    def forward(self, x):
+        if self.checks and _HostLinear.requested and torch._C._current_graph_task_id() != -1:  # in backward
+            _HostLinear.requested = False
+            raise _Interrupted("cancelled during the backward's recompute")
+        return super().forward(x)
+
+
+def _checkpointed_trainer(steps: int):
+    from trainer.memory import configure
+
+    torch.manual_seed(0)
+    units = [torch.nn.Sequential(_HostLinear(8, 32, checks=True), torch.nn.SiLU()),
+             torch.nn.Sequential(_HostLinear(32, 32), torch.nn.SiLU()), torch.nn.Sequential(_HostLinear(32, 8))]
+    model = torch.nn.Sequential(*units).requires_grad_(False)
+    config = configure(TrainConfig(steps=steps, lr=1e-2, lam=50.0), "lean")  # fp32 delta, Adam inside backward
+    data = CachedExamples(torch.randn(6, 8), torch.zeros(1, 1))
+    return RegularizedTrainer(lambda x, t, c: model(x), ParameterDelta(model), torch.linspace(0.99, 0.01, 1000),
+                              data, config, checkpoint=units)
+
+
+def test_a_cancel_during_the_backward_recompute_leaves_a_state_that_resumes_bitwise(monkeypatch):
+    """lean steps each tensor inside backward (here each tensor is a bucket): a cancel raised by
+    a layer while backward recomputes it must not leave half a step behind."""
+    monkeypatch.setattr("trainer.optim.BUCKET", 1)
+    steps = 8
+    at = random.randrange(1, steps - 1)  # the step during whose backward the user cancels
+    full = _checkpointed_trainer(steps)
+    _run(full)
+    cancelled = _checkpointed_trainer(steps)
+
+    def on_step(metrics):
+        _HostLinear.requested = metrics.step == at
+
+    with pytest.raises(_Interrupted):
+        job.run(cancelled, on_step)
+    assert not _HostLinear.requested  # it did fire inside backward
+    state = cancelled.state_dict()
+    resumed = _checkpointed_trainer(steps)
+    resumed.load_state_dict(state)
+    _run(resumed)
+    assert resumed.step_count == steps
+    assert _equal(full.delta.state_dict(), resumed.delta.state_dict()), f"cancelled in step {at + 1}"
+    ours, theirs = full.update.state_dict()["state"], resumed.update.state_dict()["state"]
+    assert all(torch.equal(ours[i][k], theirs[i][k]) for i in ours for k in ours[i])

@@ -83,13 +83,7 @@ def speed(args: argparse.Namespace) -> None:
         "adam_foreach": lambda: make_trainer(unet, lat, adam="foreach").step,
         "adam_fused": lambda: make_trainer(unet, lat, adam="fused").step,
         "step_in_backward": lambda: make_trainer(unet, lat, step_in_backward=True).step,
-        "lowrank_r8": lambda: make_trainer(unet, lat, lowrank=8).step,
     }
-    try:
-        import bitsandbytes  # noqa: F401
-        configs["adam_8bit"] = lambda: make_trainer(unet, lat, adam="8bit").step
-    except ImportError:
-        emit("adam_8bit", None, skipped="bitsandbytes is not installed (optional dependency)")
     steps: dict[str, Callable[[], object]] = {}
     for name, make in configs.items():
         try:
@@ -183,7 +177,6 @@ def memory(args: argparse.Namespace) -> None:
         "step_in_backward": {"lam": 500.0, "step_in_backward": True},
         "no_checkpointing": {"lam": 500.0, "checkpointing": False},
         "bf16": {"lam": 500.0, "precision": "bf16"},
-        "lowrank_r8": {"lam": 500.0, "lowrank": 8},
     }
     mb = {}
     for name, spec in specs.items():
@@ -199,7 +192,7 @@ def memory(args: argparse.Namespace) -> None:
     if "step_in_backward" in mb:
         emit("ref_memory_step_in_backward", mb["step_in_backward"] / mb["reference"],
              option_mb=round(mb["step_in_backward"]), reference_mb=round(mb["reference"]), **common)
-    for name in ("no_checkpointing", "bf16", "lowrank_r8", "step_in_backward"):
+    for name in ("no_checkpointing", "bf16", "step_in_backward"):
         if name in mb:
             emit(f"memory_{name}", mb[name] / mb["faithful"], option_mb=round(mb[name]),
                  faithful_mb=round(mb["faithful"]), **common)

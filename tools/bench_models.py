@@ -112,16 +112,15 @@ def eps_fn(unet: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
 
 def make_trainer(unet: nn.Module, latent: int, *, lam: float = 500.0, checkpointing: bool = True,
-                 lowrank: int = 0, steps: int = 1000, lr: float = 2e-6, **options: Any):
+                 steps: int = 1000, lr: float = 2e-6, **options: Any):
     """A :class:`trainer.loop.RegularizedTrainer` on ``unet`` with the given
     :class:`~trainer.config.TrainConfig` options."""
     from lipschitz_personalize.trainer.config import TrainConfig
     from lipschitz_personalize.trainer.delta import ParameterDelta
     from lipschitz_personalize.trainer.loop import RegularizedTrainer
-    from lipschitz_personalize.trainer.lowrank import LowRankDelta
 
     device = next(unet.parameters()).device
-    delta = LowRankDelta(unet, rank=lowrank) if lowrank else ParameterDelta(unet)
+    delta = ParameterDelta(unet)
     config = TrainConfig(steps=steps, lr=lr, lam=lam, **options)
     return RegularizedTrainer(eps_fn(unet), delta, sd_abar(), make_data(latent, device), config,
                               checkpoint=checkpoint_units(unet) if checkpointing else ())

@@ -13,8 +13,11 @@ parameters trainable). So the figure counts what the method adds per step: the `
 sums, the optimizer, the regularizer, metrics and finiteness checks - the work whose count, not
 size, sets a step's floor on a GPU (docs/performance.md).
 
-Each mode runs in its own process (the full-size state of ``faithful`` is ~15 GB; the U-Net is
-stored in fp16 - the anchor of ``12gb``/``8gb`` - which changes no count). The counts of a
+Each mode runs in its own process. So that the full-size run fits beside other work on a 24 GB
+machine, the mode runs' anchor is one zero per tensor broadcast to the tensor's shape (no
+memory; ``theta0 + delta`` is still one full-size add per tensor) and the deltas and torch Adam's
+moments live in memory-mapped files (the page cache, written back under pressure): neither
+changes an op. The bare run has real fp32 weights (~7 GB with their gradients). The counts of a
 ``--label`` are merged into ``docs/bench_ops.json`` with the date and command;
 ``tools/render_docs.py`` renders them into docs/performance.md.
 """
@@ -23,9 +26,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +69,7 @@ def bare_step(tiny: bool):
     import torch.utils.checkpoint
 
     from bench_models import eps_fn, make_data, sd_abar
-    from trainer.loop import q_sample
+    from lipschitz_personalize.trainer.loop import q_sample
 
     unet = make_unet(tiny).requires_grad_(True)
     for m in checkpoint_units(unet):
@@ -81,18 +87,56 @@ def bare_step(tiny: bool):
     return step
 
 
+def _broadcast_anchor(unet) -> None:
+    """Replace every parameter by a zero broadcast to its shape (no memory)."""
+    import torch
+
+    for module in unet.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+
+
+def _mapped_zeros(like, folder: str):
+    """Zeros shaped like ``like`` in a memory-mapped file (unlinked at once: the mapping keeps it)."""
+    import torch
+
+    path = os.path.join(folder, f"{uuid.uuid4().hex}.bin")
+    with open(path, "wb") as f:
+        f.truncate(like.numel() * like.element_size())
+    t = torch.from_file(path, shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+    os.unlink(path)
+    return t
+
+
+def mode_step(mode: str, tiny: bool, folder: str):
+    import torch
+
+    unet = make_unet(tiny, dtype=torch.float16, init=False)
+    _broadcast_anchor(unet)
+    trainer = mode_trainer(unet, mode, LATENT)
+    for d in trainer.delta.tensors():
+        d.data = _mapped_zeros(d, folder)
+    optimizer = trainer.update.optimizer
+    if isinstance(optimizer, torch.optim.Adam):  # faithful, lean: torch's fp32 moments, created here
+        for p in (p for g in optimizer.param_groups for p in g["params"]):
+            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": _mapped_zeros(p, folder),
+                                  "exp_avg_sq": _mapped_zeros(p, folder)}
+    run = trainer.running()
+    run.__enter__()  # as trainer.job runs it: the delta's hooks registered once per run
+    return trainer.step
+
+
 def child(mode: str, tiny: bool) -> dict:
     import torch
 
     comfy_ready(cpu=True)
     torch.manual_seed(0)
-    if mode == "bare":
-        step = bare_step(tiny)
-    else:
-        trainer = mode_trainer(make_unet(tiny, dtype=torch.float16), mode, LATENT)
-        step = trainer.step
-    step()  # warm-up: Adam's state is created in the first step
-    return {"mode": mode, "ops": top_level_ops(step)}
+    with tempfile.TemporaryDirectory(prefix="bench_ops_") as folder:
+        step = bare_step(tiny) if mode == "bare" else mode_step(mode, tiny, folder)
+        step()  # warm-up: the first step creates what is created once (Adam's state, caches)
+        return {"mode": mode, "ops": top_level_ops(step)}
 
 
 def run_modes(tiny: bool, modes: tuple[str, ...] = MODES) -> dict[str, int]:
@@ -122,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     old = record.get(unet, {}).get(args.label, {}).get("overhead", {})
     row = {"label": args.label, "unet": unet, "latent": LATENT,
            "bare_ops": counts["bare"], "overhead": {**old, **{m: counts[m] - counts["bare"] for m in args.modes}},
-           "date": datetime.date.today().isoformat(),
+           "targets": TARGETS, "within_faithful": WITHIN_FAITHFUL, "date": datetime.date.today().isoformat(),
            "command": "python " + " ".join(shlex.quote(a) for a in ["tools/bench_ops.py", *(argv or sys.argv[1:])])}
     print(json.dumps(row))
     if not args.no_record:

@@ -29,6 +29,7 @@ add_to_sys_path()  # the pack as lipschitz_personalize
 
 BENCH = REPO_ROOT / "docs" / "bench_cpu.json"
 FULLSIZE = REPO_ROOT / "docs" / "bench_fullsize.json"
+OPS = REPO_ROOT / "docs" / "bench_ops.json"
 TOY = REPO_ROOT / "docs" / "toy.json"
 GPU = REPO_ROOT / "docs" / "gpu"
 # The GPU runs (tools/bench_gpu.py output, one JSON line per figure) and the modes each one
@@ -58,8 +59,6 @@ OPTIONS = {
     "adam_foreach": "`adam=foreach`",
     "adam_fused": "`adam=fused`",
     "step_in_backward": "`step_in_backward` (Adam per tensor inside backward)",
-    "lowrank_r8": "low-rank delta, rank 8 (not the paper's full fine-tune)",
-    "adam_8bit": "`adam=8bit` (bitsandbytes)",
 }
 
 
@@ -170,6 +169,26 @@ def perf_fullsize() -> str:
     return "\n".join(lines) + "\n\nMeasured by:\n\n" + _runs(list(figures.values())) + "\n"
 
 
+def perf_ops() -> str:
+    """Overhead ops per training step (tools/bench_ops.py): before and after, per mode."""
+    rows = json.loads(OPS.read_text()).get("sd15-full", {}) if OPS.exists() else {}
+    before, after = rows.get("before", {}).get("overhead", {}), rows.get("after", {}).get("overhead", {})
+    targets = rows.get("after", rows.get("before", {})).get("targets", {})
+    within = rows.get("after", {}).get("within_faithful", 1.5)
+    lines = ["| mode | overhead ops before | after | fewer by | target | after / faithful's after |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for mode in targets or before:
+        b, a, f = before.get(mode), after.get(mode), after.get("faithful")
+        cut = f"{b / a:.1f}x" if b and a else "-"
+        vs = f"{a / f:.2f} (target <= {within:g})" if a and f else "-"
+        lines.append(f"| `{mode}` | {b if b is not None else 'not measured'} | {a if a is not None else 'not measured'} "
+                     f"| {cut} | >= {targets.get(mode, 0):g}x | {vs} |")
+    runs = [r for r in (rows.get("before"), rows.get("after")) if r]
+    how = "\n".join(f"* `{r['command']}` ({r['label']}, {r['date']}; bare forward + backward: {r['bare_ops']} ops)"
+                     for r in runs)
+    return "\n".join(lines) + "\n\nMeasured by:\n\n" + (how or "* nothing yet: run `python tools/bench_ops.py`") + "\n"
+
+
 def _gpu_lines(name: str) -> list[dict[str, Any]]:
     path = GPU / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")] if path.exists() else []
@@ -256,7 +275,7 @@ def _toy(render_name: str) -> Callable[[], str]:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
+    "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-ops": perf_ops, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
     "vram-modes": vram_modes,
     "toy-table": _toy("markdown_table"),
     "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table")}

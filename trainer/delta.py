@@ -152,7 +152,9 @@ class ParameterDelta:
         clears its flag as it raises).  Were it let through, an update that steps tensors
         inside backward would leave half a step, which no resume can continue exactly; keeping
         a copy of the stepped state to undo it would cost the memory that update saves.  A
-        layer that raises again on the second try is an error: it propagates.
+        layer that raises again on the second try is an error: it propagates.  The retry is
+        exact because a layer here owns parameters and is one op (ComfyUI's Linear, Conv,
+        norms): whatever it raises, it raised before autograd saved anything of it.
         """
         self._deferred = into
         try:
@@ -166,11 +168,19 @@ class ParameterDelta:
                 return forward(*args, **kwargs)
             try:
                 return forward(*args, **kwargs)
+            except _CHECKPOINT_CONTROL:
+                raise  # torch's checkpoint ends a recompute early this way: not the layer's error
             except Exception as exc:  # noqa: BLE001 - any host's exception type; re-raised by the caller
                 self._deferred.append(exc)
                 return forward(*args, **kwargs)
 
         return run
+
+
+# The exceptions torch's non-reentrant checkpoint raises through the recomputed forward itself
+# (to stop a recompute once it has what backward needs, or on a mismatch).
+_CHECKPOINT_CONTROL = tuple(getattr(torch.utils.checkpoint, name) for name in ("_StopRecomputationError", "CheckpointError")
+                            if hasattr(torch.utils.checkpoint, name))
 
 
 def select_base(module: nn.Module, include: Callable[[str], bool] | None) -> dict[str, Tensor]:
