@@ -1,7 +1,7 @@
 """``LipschitzPersonalize``: the paper's fine-tune on the host GPU, as a ComfyUI node.
 
 The widgets' defaults are the paper's (:class:`trainer.config.TrainConfig`, through
-:mod:`.host.run`); the work - validation, cache, training thread, resume, saving - is
+:mod:`.host.run`); the work - validation, cache, training in ComfyUI's worker thread, resume, saving - is
 :func:`.host.run.personalize`.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ class LipschitzPersonalize(io.ComfyNode):
             display_name="Lipschitz Personalize (SD1.5)",
             category="personalization/lipschitz",
             description="Fine-tune the SD1.5 U-Net on 3-6 photos with the Lipschitz regularizer "
-                        "(lambda trades subject fidelity against drift). Trains in a background thread.",
+                        "(lambda trades subject fidelity against drift). Trains in ComfyUI's worker thread, so the "
+                        "server and the UI stay responsive; Cancel stops it after the current step.",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),

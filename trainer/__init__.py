@@ -9,7 +9,8 @@ Nothing in this package imports ComfyUI or diffusers: the hosts adapt their obje
   a module without writing the base weights.
 * :mod:`trainer.loop` - Algorithm 1: one regularized training step.
 * :mod:`trainer.metrics` - what a step reports, and a run's log of it.
-* :mod:`trainer.job` - the background thread: progress, cancel, errors handed back.
+* :mod:`trainer.job` - the run in the caller's thread (ComfyUI's worker thread): progress,
+  cancel, errors handed back.
 * :mod:`trainer.persist` - atomic, checksummed safetensors files and the resume state.
 
 Options, beside the main path: :mod:`trainer.optim` (Adam kernels, Adam stepped inside
