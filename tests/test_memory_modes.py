@@ -238,7 +238,8 @@ def test_the_estimate_is_at_least_the_peak_a_real_run_reaches(mode, measured_pea
     peak = got["delta"] + got["moments"] + got["transient"]
     print(f"\n[{mode}] measured peak {peak / 1e6:.0f} MB (transient {got['transient'] / 1e6:.0f}), "
           f"estimate {est.total / 1e6:.0f} MB ({est.describe()})")
-    assert peak <= est.total, f"{mode}: a real step peaks at {peak / 1e6:.0f} MB, the estimate says {est.total / 1e6:.0f}"
+    assert peak <= est.total, (f"{mode}: a real step peaks at {peak / 1e6:.0f} MB, "
+                               f"the estimate says {est.total / 1e6:.0f}")
 
 
 def test_auto_takes_the_most_faithful_mode_that_fits():
