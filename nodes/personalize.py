@@ -45,7 +45,8 @@ class LipschitzPersonalize(io.ComfyNode):
                 io.Combo.Input("regularizer", options=list(REGULARIZERS), default=DEFAULTS.regularizer, optional=True,
                                tooltip="mean_sq = the paper (per-tensor mean); sum_sq and l1 are variants"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default=DEFAULTS.precision, optional=True,
-                               tooltip="fp32 = the paper; bf16 computes in bf16 with fp32 deltas (faster, less VRAM)"),
+                               tooltip="fp32 = the paper; bf16 computes forward and backward in bf16 (faster, less VRAM; "
+                                       "the delta keeps the memory mode's dtype)"),
                 io.Boolean.Input("gradient_checkpointing", default=DEFAULTS.gradient_checkpointing, optional=True,
                                  tooltip="Recompute activations in backward: much less VRAM, ~30% slower"),
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, optional=True),
