@@ -72,8 +72,7 @@ bench-fullsize: venv comfyui
 bench-gpu: venv comfyui
 	$(VPY) tools/bench_gpu.py $(BENCH_ARGS)
 
-# The paper's DreamBooth benchmark on diffusers (tools/benchmark; README "Reproduce the paper's
-# table on your GPUs"): make benchmark ARGS="--model SD15_DIR --clip CLIP_DIR --dino DINO_DIR
+# The paper's DreamBooth benchmark on diffusers (tools/benchmark; docs/benchmark.md): make benchmark ARGS="--model SD15_DIR --clip CLIP_DIR --dino DINO_DIR
 # --lambdas 0 500 [--ray [--ray-address ADDR]]". benchmark-smoke: tiny random models written
 # under output/benchmark_smoke/models, subjects dog and can, lambdas 0 and 500, a few steps,
 # through a local Ray on the CPU. BENCH_DATA: the DreamBooth folder (prompts_and_classes.txt).

@@ -1,6 +1,7 @@
 """``LipschitzPersonalize``: the paper's fine-tune on the host GPU, as a ComfyUI node.
 
-The widgets' defaults are the paper's (:class:`trainer.config.TrainConfig`); the work - validation, cache, training thread, resume, saving - is
+The widgets' defaults are the paper's (:class:`trainer.config.TrainConfig`); the
+work - validation, cache, training in ComfyUI's worker thread, resume, saving - is
 :func:`.host.run.personalize`.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ class LipschitzPersonalize(io.ComfyNode):
             display_name="Lipschitz Personalize (SD1.5)",
             category="personalization/lipschitz",
             description="Fine-tune the SD1.5 U-Net on 3-6 photos with the Lipschitz regularizer "
-                        "(lambda trades subject fidelity against drift). Trains in a background thread.",
+                        "(lambda trades subject fidelity against drift). Trains in ComfyUI's worker thread, so the "
+                        "server and the UI stay responsive; Cancel stops it after the current step.",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
@@ -47,7 +49,8 @@ class LipschitzPersonalize(io.ComfyNode):
                 io.Combo.Input("regularizer", options=list(REGULARIZERS), default=DEFAULTS.regularizer, optional=True,
                                tooltip="mean_sq = the paper (per-tensor mean); sum_sq and l1 are variants"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default=DEFAULTS.precision, optional=True,
-                               tooltip="fp32 = the paper; bf16 computes in bf16 with fp32 deltas (faster, less VRAM)"),
+                               tooltip="fp32 = the paper; bf16 computes forward and backward in bf16 (faster, less VRAM; "
+                                       "the delta keeps the memory mode's dtype)"),
                 io.Boolean.Input("gradient_checkpointing", default=DEFAULTS.gradient_checkpointing, optional=True,
                                  tooltip="Recompute activations in backward: much less VRAM, ~30% slower"),
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, optional=True),

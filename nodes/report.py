@@ -1,4 +1,4 @@
-"""``LipschitzTrainingReport``: TRAINING_LOGs -> one IMAGE of loss, L_lip and ||delta||."""
+"""``LipschitzTrainingReport``: TRAINING_LOGs -> one IMAGE of denoise loss, L_lip and ||delta||."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -16,7 +16,8 @@ class LipschitzTrainingReport(io.ComfyNode):
             node_id="LipschitzTrainingReport",
             display_name="Lipschitz Training Report",
             category="personalization/lipschitz",
-            description="Plot loss, L_lip and ||delta|| over steps for one or more runs, labelled by lambda.",
+            description="Plot the denoise loss, L_lip and ||delta|| over steps for one or more runs, "
+                        "labelled by lambda.",
             inputs=[TrainingLogType.Input("log_1"),
                     *[TrainingLogType.Input(f"log_{i}", optional=True) for i in range(2, MAX_LOGS + 1)]],
             outputs=[io.Image.Output(display_name="IMAGE")],

@@ -16,8 +16,8 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 import bench_gpu  # noqa: E402
-from trainer.memory import ORDER  # noqa: E402
-from trainer.precision import tf32_flags  # noqa: E402
+from lipschitz_personalize.trainer.memory import ORDER  # noqa: E402
+from lipschitz_personalize.trainer.precision import tf32_flags  # noqa: E402
 
 
 def test_the_gpu_check_dry_run_measures_every_mode_and_compute(tmp_path):

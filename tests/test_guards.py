@@ -1,6 +1,6 @@
 """Guards for the ComfyUI users run, which this CPU cannot run for real.
 
-Current ComfyUI (read in its source, not run: see the README) turns dynamic VRAM on by default,
+Current ComfyUI (read in its source, not run: see docs/reliability.md) turns dynamic VRAM on by default,
 and ``--novram``/``--lowvram`` or a short card load the U-Net partially; ``--use-sage-attention``,
 ``--use-flash-attention`` and ``--use-ck-attention`` swap attention for a kernel with no backward pass.  Without a GPU ComfyUI never takes these
 paths, so each guard is driven here by the closest honest stand-in: a real 0.3.75 patcher that
@@ -38,25 +38,36 @@ def test_a_dynamic_model_without_a_non_dynamic_copy_is_refused_naming_the_flag(m
 
 
 def test_a_dynamic_model_is_trained_through_its_non_dynamic_copy(model):
-    """Current ComfyUI: ``clone(disable_dynamic=True)`` rebuilds a plain ModelPatcher."""
+    """Current ComfyUI: ``clone(disable_dynamic=True)`` rebuilds a plain ModelPatcher.  The
+    stand-in's copies are plain only when asked for with that flag (and, in the second case,
+    not even then): which patcher trains, or the refusal, is the host's decision."""
     from lipschitz_personalize.nodes.host import model as host_model
-    calls = []
+    from lipschitz_personalize.trainer import errors
+    copies = []
 
     class Dynamic(type(model)):
+        copy_stays_dynamic = False
+
         def is_dynamic(self):
             return True
 
         def clone(self, disable_dynamic=False):
-            calls.append(disable_dynamic)
-            plain = model.clone()
-            plain.is_dynamic = lambda: False
-            return plain
+            copy = model.clone()
+            copy.is_dynamic = lambda: not disable_dynamic or self.copy_stays_dynamic
+            copies.append(copy)
+            return copy
 
     dynamic = Dynamic(model.model, model.load_device, model.offload_device)
     patcher, note = host_model.trainable(dynamic)
-    assert calls == [True] and not patcher.is_dynamic() and "non-dynamic copy" in note
+    assert patcher is copies[-1] and not patcher.is_dynamic(), "the training must take the non-dynamic copy"
+    assert "non-dynamic copy" in note
     loaded = host_model.load_for_training(patcher, torch.float32)
-    assert loaded.device == torch.device("cpu")
+    assert loaded.device == torch.device(patcher.load_device)
+
+    dynamic.copy_stays_dynamic = True
+    with pytest.raises(errors.NodeInputError) as err:
+        host_model.trainable(dynamic)
+    assert "the copy is still dynamic" in err.value.problem and "--disable-dynamic-vram" in err.value.fix
 
 
 def test_a_weight_left_off_the_training_device_is_refused_naming_novram(model):

@@ -350,7 +350,7 @@ ROUTE = re.compile(r"\. routes\b|\b(add_route|add_get|add_post|add_static|RouteT
                    r"\bweb \. (get|post|put|patch|delete|route|static)\b|\. router\b")
 # Every file of the pack that registers an HTTP route, with the routes it may register. Each
 # has its input-validation test (tests/test_reliability_inputs.py) and its entry in
-# the README's threat model; a new route must get both before it is listed here.
+# the threat model in docs/reliability.md; a new route must get both before it is listed here.
 ALLOWED_ROUTES: dict[str, set[str]] = {"nodes/host/routes.py": {"GET /lipschitz/status"}}
 
 
@@ -363,7 +363,7 @@ def test_the_pack_registers_no_unreviewed_http_route(comfy_in_process):
             found[rel] = calls
     unreviewed = {f: c for f, c in found.items() if f not in ALLOWED_ROUTES}
     assert not unreviewed, ("new HTTP route(s): validate every input, read/write no user-given path, add a test and "
-                            f"an entry in the README's threat model, then list it in ALLOWED_ROUTES: {unreviewed}")
+                            f"an entry in docs/reliability.md's threat model, then list it in ALLOWED_ROUTES: {unreviewed}")
     from lipschitz_personalize.nodes.host import routes
 
     assert {f"GET {routes.PATH}"} == ALLOWED_ROUTES["nodes/host/routes.py"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tiny_models import make_problem
-from trainer import job
-from trainer.config import ConfigError, TrainConfig
-from trainer.delta import ParameterDelta
-from trainer.loop import CachedExamples, RegularizedTrainer
-from trainer.precision import tf32_flags
+from lipschitz_personalize.trainer import job
+from lipschitz_personalize.trainer.config import ConfigError, TrainConfig
+from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
+from lipschitz_personalize.trainer.precision import tf32_flags
 
 
 @pytest.fixture

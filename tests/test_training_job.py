@@ -73,11 +73,30 @@ def test_metrics_per_step():
     assert m.loss == pytest.approx(m.denoise + 500.0 * m.lip)
 
 
-def test_gradient_checkpointing_gives_the_same_delta():
-    _, plain = _trainer(steps=4)
-    _, ckpt = _trainer(steps=4, checkpoint=True)
-    _run(plain)
-    _run(ckpt)
+def test_gradient_checkpointing_recomputes_the_block_instead_of_storing_it_and_gives_the_same_delta():
+    """Checkpointing does what it is for: the checkpointed block runs again in backward (a
+    forward hook counts its runs) and its activations are not kept for backward (the bytes
+    autograd saves during the step, counted by a saved-tensors hook, go down), with the same
+    delta."""
+    runs = {}
+    for checkpoint in (False, True):
+        model, trainer = _trainer(steps=4, checkpoint=checkpoint)
+        calls, saved = [], []
+        # A pre-hook: torch's early stop may end the recomputation inside the block's last op
+        # once it has what backward needs, so that op's forward hook need not fire there.
+        model.block[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
+        def pack(x):
+            saved.append(x.numel() * x.element_size())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            _run(trainer)
+        runs[checkpoint] = trainer, len(calls), sum(saved)
+    (plain, plain_calls, plain_saved), (ckpt, ckpt_calls, ckpt_saved) = runs[False], runs[True]
+    assert plain_calls == 4, "one forward of the block per step"
+    assert ckpt_calls == 8, "checkpointing runs the block once more per step, in backward"
+    assert ckpt_saved < plain_saved, (ckpt_saved, plain_saved)
     for k, v in plain.delta.state_dict().items():
         torch.testing.assert_close(ckpt.delta.state_dict()[k], v, rtol=0, atol=1e-6)
 
@@ -265,7 +284,7 @@ class _HostLinear(torch.nn.Linear):
 
 
 def _checkpointed_trainer(steps: int):
-    from trainer.memory import configure
+    from lipschitz_personalize.trainer.memory import configure
 
     torch.manual_seed(0)
     units = [torch.nn.Sequential(_HostLinear(8, 32, checks=True), torch.nn.SiLU()),

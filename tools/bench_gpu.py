@@ -96,7 +96,7 @@ class Bench:
             **overrides: Any) -> dict[str, Any]:
         """Train ``steps`` (+ ``warmup``) steps of ``mode``; time, peak and the final delta."""
         torch = self.torch
-        from trainer.precision import tf32_as_configured
+        from lipschitz_personalize.trainer.precision import tf32_as_configured
 
         self._reset()
         trainer = self.trainer(mode, latent, anchor, **overrides)

@@ -131,7 +131,7 @@ class Printer:
             step, total = int(data["step"]), int(data["total"])
             every = max(1, total // 10)
             if step == 1 or step == total or step % every == 0:
-                say(f"{self.stamp()}   lambda={data['lambda']:<7g} step {step:>5}/{total}  loss {data['denoise']:.4f}  "
+                say(f"{self.stamp()}   lambda={data['lambda']:<7g} step {step:>5}/{total}  denoise {data['denoise']:.4f}  "
                     f"L_lip {data['lip']:.3e}  |delta| {data['delta_norm']:.4g}  {data['steps_per_s']:.2f} it/s  "
                     f"ETA {int(data['eta_s'])}s")
         elif kind == "execution_error":

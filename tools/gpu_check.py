@@ -80,7 +80,7 @@ def instrument(trainer, clock: Clock) -> dict[str, Any]:
             return out
         setattr(owner, attr, wrapped)
 
-    from trainer.precision import tf32_flags
+    from lipschitz_personalize.trainer.precision import tf32_flags
     around(trainer, "model_fn", "forward", lambda: marks.setdefault("tf32_flags", tf32_flags()))
     around(trainer.update, "step", "update")
     around(getattr(trainer, "regularizer", None), "measure", "metrics")
@@ -119,7 +119,7 @@ def profile_step(trainer, cuda: bool) -> dict[str, int | None]:
 
 def measure(bench, mode: str, compute: str, latent: int, steps: int, warmup: int) -> tuple[dict, dict]:
     """One configuration: its JSON fields and its final delta."""
-    from trainer.precision import tf32_as_configured
+    from lipschitz_personalize.trainer.precision import tf32_as_configured
 
     cuda = bench.cuda
     clock = Clock(cuda)

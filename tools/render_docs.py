@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rewrite the measured tables of README.md, docs/performance.md and docs/toy.md from the JSON the runs wrote.
+"""Rewrite the measured tables of README.md and docs/*.md from the JSON the runs wrote.
 
     python tools/render_docs.py           # rewrite the blocks between the markers
     python tools/render_docs.py --check   # exit 1 (and say which block) if a doc disagrees
@@ -39,7 +39,7 @@ GPU_RUNS = [("bench_gpu_modes_bf16.jsonl", {"faithful": "faithful", "lean": "lea
                                             "12gb": "12gb with bf16 compute (superseded)",
                                             "8gb": "8gb with bf16 compute (superseded)"}),
             ("bench_gpu_modes_final.jsonl", {"12gb": "12gb", "8gb": "8gb"})]
-DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "performance.md", REPO_ROOT / "docs" / "toy.md"]
+DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md"))]
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
                    re.S)
 
@@ -237,8 +237,8 @@ def perf_gpu() -> str:
 
 
 def vram_modes() -> str:
-    """README's per-mode table: what each memory mode changes (trainer/memory.py) and what it
-    held on a GPU (the current recipe's run in docs/gpu/)."""
+    """README's per-mode table ("Which memory mode fits your card"): what each memory mode
+    changes (trainer/memory.py) and what it held on a GPU (the current recipe's run in docs/gpu/)."""
     from lipschitz_personalize.trainer.memory import MODES
 
     current = {mode: f for _, mode, label, f in _gpu_modes() if label == mode}

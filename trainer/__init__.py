@@ -10,7 +10,8 @@ their objects to it; ``tests/test_architecture.py`` enforces it).
   a module without writing the base weights.
 * :mod:`trainer.loop` - Algorithm 1: one regularized training step.
 * :mod:`trainer.metrics` - what a step reports, and a run's log of it.
-* :mod:`trainer.job` - the run in the caller's thread (ComfyUI's worker thread): progress, cancel, errors handed back.
+* :mod:`trainer.job` - the run in the caller's thread (ComfyUI's worker thread): progress,
+  cancel, errors handed back.
 * :mod:`trainer.persist` - atomic, checksummed safetensors files and the resume state.
 * :mod:`trainer.files` - the delta file format (diff keys, metadata, the resume state).
 * :mod:`trainer.evaluation` - the paper's DINO, CLIP-I, CLIP-T and drift scores, and the

@@ -1,11 +1,12 @@
 """The trainable delta: ``theta = theta0 + delta`` for every trained parameter tensor.
 
-The anchor ``theta0`` is the module's own parameter tensors, referenced and never written:
-it is exact (no rounded copy), the base model other holders share is never mutated, and
-``L_lip`` is a function of the fp32 deltas alone.  Where the host holds the module in a
-narrower dtype than its checkpoint file (fp16 on a GPU), the caller passes the file's values as
-``anchor`` instead, and the module's own tensors are only swapped back after each layer.  :meth:`ParameterDelta.applied` makes the
-module compute with ``theta0 + delta`` lazily, one layer at a time, through forward hooks, so
+By default the anchor ``theta0`` is the module's own parameter tensors as the host holds them
+(fp16 on a GPU), referenced and never written: no copy is made, the base model other holders
+share is never mutated, and ``L_lip`` is a function of the deltas alone (fp32, or bf16 in the
+``8gb`` memory mode).  Where the host holds the module in a narrower dtype than its checkpoint
+file and the memory mode anchors to the file (``faithful``, ``lean``), the caller passes the
+file's values as ``anchor`` instead, and the module's own tensors are only swapped back after
+each layer.  :meth:`ParameterDelta.applied` makes the module compute with ``theta0 + delta`` lazily, one layer at a time, through forward hooks, so
 no second full copy of the weights is built at once and gradient checkpointing recomputes the
 sums instead of keeping them. Layers must be called through their ``forward`` (as ComfyUI's
 and diffusers' layers are): torch's ``nn.MultiheadAttention`` reads a child's weight directly and

@@ -18,7 +18,10 @@ class StepMetrics:
     step: int
     total: int
     loss: float
-    """The paper's total ``L_denoise (+ prior) + lambda * L_lip``."""
+    """The total ``L_denoise (+ prior) + lambda * L_lip`` as the step reports it: the denoise
+    (and prior) term of this step's forward, taken *before* the update, plus ``lambda * lip``
+    of the delta *after* it (``lip`` below), so it is not the objective at any one theta.
+    The node's text and chart show ``denoise``, never this field."""
     denoise: float
     prior: float | None
     lip: float

@@ -60,7 +60,7 @@ class NodeProgress:
         server = PromptServer.instance
         if server is not None:
             server.send_sync(EVENT, payload, server.client_id)
-        self.text(f"step {event['step']}/{self.total}  loss {event['denoise']:.4f}  "
+        self.text(f"step {event['step']}/{self.total}  denoise {event['denoise']:.4f}  "
                   f"L_lip {event['lip']:.3e}  |delta| {event['delta_norm']:.4f}  "
                   f"{event['steps_per_s']:.2f} it/s  ETA {_format_eta(event['eta_s'])}")
         self.bar.update_absolute(event["step"])

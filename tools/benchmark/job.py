@@ -129,7 +129,7 @@ def run_job(settings: Settings, job: Job, step_bar: StepBar) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         trainer = personalize(model, photos, subject.instance_prompt, config,
-                              on_step=lambda m: (bar.set_description(f"{desc} loss {m.loss:.4f}"), bar.update(1),
+                              on_step=lambda m: (bar.set_description(f"{desc} total loss {m.loss:.4f}"), bar.update(1),
                                                  running.step(m.step)))
     finally:
         bar.close()
