@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,11 @@ def _rel(path: Path) -> str:
 
 def _loaded_comfy(code: str, cwd: Path = REPO_ROOT) -> list[str]:
     """ComfyUI modules in ``sys.modules`` after running ``code`` in a fresh interpreter."""
-    code += f"; import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMFY_MODULES)!r}))"
+    code += (f"; import json, sys; print(json.dumps(sorted(m for m in sys.modules "
+             f"if m.split('.')[0] in {sorted(COMFY_MODULES)!r})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
-    return eval(out.stdout.strip().splitlines()[-1])  # a list of names printed by ourselves
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_the_import_resolver_sees_comfyui_and_relative_imports():

@@ -220,8 +220,8 @@ def test_the_publish_workflow_runs_on_a_version_bump_with_the_token_secret():
     assert publish[0]["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
 
 
-def test_the_manager_list_entry_is_ready_to_submit():
-    import comfyui_manager
+def test_the_manager_list_entry_is_ready_to_submit(comfy_in_process):
+    import comfyui_manager  # imports comfy
 
     shipped = json.loads((Path(comfyui_manager.__file__).parent / "custom-node-list.json").read_text())["custom_nodes"]
     known_keys = {k for entry in shipped for k in entry}
