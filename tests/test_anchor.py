@@ -233,3 +233,49 @@ def test_a_server_holding_the_unet_in_fp8_trains_against_the_file_and_refuses_th
     assert refused.status == "error" and "float8_e4m3fn" in message and "memory=faithful" in message, message
     assert "Promotion" not in message and not partials  # refused before any step
     shutil.rmtree(fp8.base_dir, ignore_errors=True)
+
+
+def test_training_against_the_file_leaves_comfyuis_copy_of_the_unet_unloaded_and_unread(fp32_ckpt, monkeypatch):
+    """faithful/lean against the file: ComfyUI's fp16 copy of the U-Net is not loaded for the
+    training (on a GPU it stays off the device: 1.7 GB of SD1.5) and never read - with its
+    weights on no device at all (``meta``) the node's training moves the delta exactly as with
+    them in memory - and the pre-flight estimate counts theta0 only."""
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+
+    folder_paths.add_model_folder_path("checkpoints", str(fp32_ckpt.parent))
+    host_anchor = _pack_module("nodes.host.anchor")
+    host_model = _pack_module("nodes.host.model")
+    run = _pack_module("nodes.host.run")
+    m16 = comfy.sd.load_checkpoint_guess_config(str(fp32_ckpt), output_vae=False, output_clip=False,
+                                                model_options={"dtype": torch.float16})[0]
+    unet = m16.model.diffusion_model
+    anchor = host_anchor.choose_anchor(m16, unet, _graph_to_loader(), "train")
+    assert anchor.file == fp32_ckpt
+    config = TrainConfig(steps=2, lr=1e-4, lam=500.0, seed=8, resolution=64)
+    g = torch.Generator().manual_seed(9)
+    latents, cond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
+
+    def two_steps(loaded) -> dict[str, torch.Tensor]:
+        with torch.inference_mode(False):
+            trainer = run._trainer(loaded, anchor, latents, cond, None, config)
+            trainer.step(), trainer.step()
+            return {n: d.detach().clone() for n, d in trainer.delta.delta.items()}
+
+    reference = two_steps(host_model.load_for_training(m16, torch.float32))  # the weights loaded
+    comfy.model_management.unload_all_models()
+    loads = []
+    real_load = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                        lambda models, *a, **k: loads.append(models) or real_load(models, *a, **k))
+    for module in unet.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    trained = two_steps(host_model.load_for_training(m16, torch.float32, weights_needed=anchor.file is None))
+    assert not loads, "the training loaded ComfyUI's copy of the U-Net"
+    assert max(float(d.abs().max()) for d in reference.values()) > 1e-5
+    assert all(torch.equal(trained[n], d) for n, d in reference.items())
+    on_gpu = host_model.TrainingMemory(torch.device("cuda"), 24e9, False, torch.float16, 10, 1)
+    assert on_gpu.anchor_bytes(anchor) == 4 and on_gpu.anchor_bytes(host_anchor.Anchor(torch.float16, None, "", "")) == 2

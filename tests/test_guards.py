@@ -2,17 +2,23 @@
 
 Current ComfyUI (read in its source, not run: see docs/reliability.md) turns dynamic VRAM on by default,
 and ``--novram``/``--lowvram`` or a short card load the U-Net partially; ``--use-sage-attention``,
-``--use-flash-attention`` and ``--use-ck-attention`` swap attention for a kernel with no backward pass.  Without a GPU ComfyUI never takes these
-paths, so each guard is driven here by the closest honest stand-in: a real 0.3.75 patcher that
-reports ``is_dynamic()``, a real U-Net with a tensor on another device (``meta``), and ComfyUI's
-own attention dispatch pointed at stand-in kernels (no backward, a custom op without autograd, the
-split variant).  The dynamic-VRAM refusal also
-runs through a real server (``tests/test_reliability_inputs.py``, ``dynamic-vram``).
+``--use-flash-attention`` and ``--use-ck-attention`` swap attention for a kernel with no backward
+pass.  Without a GPU ComfyUI never takes these paths, so each guard is driven here by the closest
+honest stand-in: a real 0.3.75 patcher that reports ``is_dynamic()``, a real U-Net with a tensor
+on another device (``meta``), and ComfyUI's own attention dispatch pointed at stand-in kernels (no
+backward, a custom op without autograd, the split variant) and, through a real server,
+``--use-split-cross-attention``.  The dynamic-VRAM refusal also runs through a real server
+(``tests/test_reliability_inputs.py``, ``dynamic-vram``).
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+
+from fault_pack.harness import make_server
+from test_anchor import _train_on, fp32_ckpt  # noqa: F401 - fp32_ckpt is a fixture
 
 pytestmark = pytest.mark.usefixtures("comfy_in_process")  # the pack's ComfyUI side in this process
 
@@ -153,3 +159,21 @@ def test_training_computes_pytorchs_attention_whatever_backend_comfyui_runs(mode
     assert not calls, "the training reached the backend"
     expected = {"no-grad": "SageAttention", "custom-op": "FlashAttention", "split": "--use-split-cross-attention"}
     assert expected[kind] in host_attention.attention_note()
+
+
+def test_a_server_started_with_split_attention_trains_the_default_servers_delta(tmp_path_factory, tiny_ckpt,
+                                                                                fp32_ckpt, comfy_server):
+    """ComfyUI 0.3.75 on a CPU samples with sub-quadratic attention by default and with the split
+    variant under --use-split-cross-attention: the two servers train the same delta, bit for bit,
+    and the node says which attention it replaced."""
+    split = make_server(tmp_path_factory.mktemp("split_attention") / "comfy", tiny_ckpt)
+    split.extra_args.append("--use-split-cross-attention")
+    with split:
+        result_split, texts_split, delta_split = _train_on(split, fp32_ckpt)
+    result, texts, delta = _train_on(comfy_server, fp32_ckpt)
+    assert result_split.status == result.status == "success", (result_split.error, result.error)
+    assert any("split cross attention (--use-split-cross-attention)" in t for t in texts_split), texts_split
+    assert any("sub-quadratic attention" in t for t in texts), texts
+    assert delta_split.keys() == delta.keys()
+    assert all(torch.equal(delta_split[k], delta[k]) for k in delta)
+    shutil.rmtree(split.base_dir, ignore_errors=True)

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the prepared GPU check (tools/gpu_check.py): per mode and compute, step and phase times, "
                         "launches, syncs, peak memory, distance from faithful; JSON lines also to --out")
     p.add_argument("--dry-run", action="store_true",
-                   help="--check on the CPU with the tiny U-Net at 64 px and 3 steps, no budget (what the tests run)")
+                   help="--check on the CPU with the tiny U-Net at 64 px, 2 steps (one profiled, one timed), no budget "
+                        "(what the tests run)")
     p.add_argument("--computes", nargs="+", choices=["fp32", "tf32", "bf16"], default=["fp32", "tf32", "bf16"])
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="--check: start no configuration after this many seconds (the whole check stays under 7 min)")
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.probe = dict(args.probe)
     if args.dry_run:
-        args.check, args.device, args.tiny, args.latents, args.steps, args.warmup = True, "cpu", True, [8], 3, 1
+        args.check, args.device, args.tiny, args.latents, args.steps, args.warmup = True, "cpu", True, [8], 2, 0
         args.budget_s = float("inf")
 
     import torch

@@ -107,12 +107,12 @@ def configure(config: TrainConfig, mode: str) -> TrainConfig:
 
 
 def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution: int, batch_size: int = 1,
-             checkpointing: bool = True, precision: str = "fp32", model_bytes: int = 0) -> Estimate:
+             checkpointing: bool = True, precision: str = "fp32") -> Estimate:
     """Peak bytes of training ``params`` parameters (``largest`` in the biggest tensor) in ``mode``.
 
     ``anchor_bytes``: bytes per parameter of theta0 in this mode (4 for an fp32 checkpoint
-    anchor, 2 for an fp16 model, 0 where the host already holds it in that memory);
-    ``model_bytes``: the host's own copy of the weights beside an anchor read from the file.
+    anchor, 2 for an fp16 model, 0 where the host already holds it in that memory).  A host
+    that reads theta0 from the file keeps its own copy of the weights out of that memory.
     """
     c = configure(TrainConfig(), mode)
     delta = c.delta_torch_dtype.itemsize
@@ -130,7 +130,7 @@ def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution
     act = ACTIVATION_PER_PIXEL[precision] * resolution * resolution * batch_size
     if not checkpointing:
         act *= ACTIVATION_NO_CHECKPOINTING
-    parts = {"anchor": float(params * anchor_bytes), "model": float(params * model_bytes), "delta": float(params * delta), "gradients": float(grads),
+    parts = {"anchor": float(params * anchor_bytes), "delta": float(params * delta), "gradients": float(grads),
              "adam": params * moments + adam_temp, "activations": TRANSIENT_PER_PARAM * params + act,
              "other": OVERHEAD}
     return Estimate(mode, parts)

@@ -118,19 +118,28 @@ class LoadedUNet:
                          transformer_options=self.transformer_options).float()
 
 
-def load_for_training(model, dtype: torch.dtype) -> LoadedUNet:
+def load_for_training(model, dtype: torch.dtype, weights_needed: bool = True) -> LoadedUNet:
     """Load a clone of ``model`` fully on the torch device, computing in ``dtype``.
 
     The clone shares the base ``nn.Module``: its weights are read, never written (the trainer
     adds its delta on the fly); only the compute dtype is an object patch of the clone.  A
     partial load (``--novram``, ``--lowvram``, too little VRAM) leaves weights on the CPU,
     which the delta on the device cannot be added to: refused (:func:`require_on_device`).
+
+    ``weights_needed=False``: theta0 is read from the checkpoint file (:mod:`.anchor`), and every
+    layer computes with ``theta0 + delta`` swapped in for its own tensors, which are never read
+    (``trainer/delta.py``).  ComfyUI's copy of the U-Net (fp16 on a GPU, 1.7 GB for SD1.5) then
+    stays off the device: the models ComfyUI holds there are unloaded (which also puts back any
+    other clone's patches on the shared weights) and this one is not loaded.
     """
     patcher = model.clone()
     patcher.set_model_compute_dtype(dtype)
-    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
     device = torch.device(patcher.load_device)
-    require_on_device(patcher.model.diffusion_model.named_parameters(), device)
+    if weights_needed:
+        comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        require_on_device(patcher.model.diffusion_model.named_parameters(), device)
+    else:
+        comfy.model_management.free_memory(1e30, device)
     return LoadedUNet(patcher, patcher.model.diffusion_model, device, dtype, training_options())
 
 
@@ -160,13 +169,13 @@ class TrainingMemory:
     params: int
     largest: int
 
-    def anchor_bytes(self, anchor: Anchor) -> tuple[int, int]:
-        """Bytes per parameter of ``(theta0, the model's own copy)`` in the training memory:
-        on the CPU the model is already in RAM; on a GPU it is loaded beside a file anchor."""
-        model = 0 if self.on_cpu else self.model_dtype.itemsize
-        if anchor.file is None:
-            return model, 0
-        return anchor.dtype.itemsize, model
+    def anchor_bytes(self, anchor: Anchor) -> int:
+        """Bytes per parameter that theta0 adds to the training memory: the file's values (the
+        model's own copy is then not loaded, :func:`load_for_training`), or the model itself,
+        which on the CPU is already in RAM."""
+        if anchor.file is not None:
+            return anchor.dtype.itemsize
+        return 0 if self.on_cpu else self.model_dtype.itemsize
 
 
 def training_memory(model) -> TrainingMemory:

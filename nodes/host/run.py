@@ -109,7 +109,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     if class_images is not None:
         prior = (encode_images(spec.vae, spec.model, class_images, config.seed + 1),
                  encode_prompt(spec.clip, spec.class_prompt)[0])
-    loaded = load_for_training(base, COMPUTE_DTYPES[config.precision])
+    loaded = load_for_training(base, COMPUTE_DTYPES[config.precision], weights_needed=anchor.file is None)
     base_id = fingerprint(loaded.unet)
     key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
                    "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
@@ -192,9 +192,8 @@ def _memory_plan(spec: RunSpec, memory: TrainingMemory, anchors: dict[str, Ancho
     c = spec.config
     needs = {}
     for m in ORDER:
-        anchor_bytes, model_bytes = memory.anchor_bytes(anchors[MODES[m].anchor])
-        needs[m] = estimate(m, memory.params, memory.largest, anchor_bytes, c.resolution, c.batch_size,
-                            c.gradient_checkpointing, c.precision, model_bytes)
+        needs[m] = estimate(m, memory.params, memory.largest, memory.anchor_bytes(anchors[MODES[m].anchor]),
+                            c.resolution, c.batch_size, c.gradient_checkpointing, c.precision)
     try:
         mode, why = preflight(spec.memory, memory.free, needs, str(memory.device))
     except ConfigError as exc:
