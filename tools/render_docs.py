@@ -170,22 +170,25 @@ def perf_fullsize() -> str:
 
 
 def perf_ops() -> str:
-    """Overhead ops per training step (tools/bench_ops.py): before and after, per mode."""
-    rows = json.loads(OPS.read_text()).get("sd15-full", {}) if OPS.exists() else {}
-    before, after = rows.get("before", {}).get("overhead", {}), rows.get("after", {}).get("overhead", {})
-    targets = rows.get("after", rows.get("before", {})).get("targets", {})
-    within = rows.get("after", {}).get("within_faithful", 1.5)
-    lines = ["| mode | overhead ops before | after | fewer by | target | after / faithful's after |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for mode in targets or before:
-        b, a, f = before.get(mode), after.get(mode), after.get("faithful")
-        cut = f"{b / a:.1f}x" if b and a else "-"
-        vs = f"{a / f:.2f} (target <= {within:g})" if a and f else "-"
-        lines.append(f"| `{mode}` | {b if b is not None else 'not measured'} | {a if a is not None else 'not measured'} "
-                     f"| {cut} | >= {targets.get(mode, 0):g}x | {vs} |")
-    runs = [r for r in (rows.get("before"), rows.get("after")) if r]
-    how = "\n".join(f"* `{r['command']}` ({r['label']}, {r['date']}; bare forward + backward: {r['bare_ops']} ops)"
-                     for r in runs)
+    """Overhead ops per training step (tools/bench_ops.py): before and after, per mode and U-Net."""
+    record = json.loads(OPS.read_text()) if OPS.exists() else {}
+    lines = ["| U-Net | mode | overhead ops before | after | fewer by | target | after / faithful's after |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs = []
+    for unet in ("sd15-full", "tiny"):
+        rows = record.get(unet, {})
+        before, after = rows.get("before", {}).get("overhead", {}), rows.get("after", {}).get("overhead", {})
+        targets = rows.get("after", rows.get("before", {})).get("targets", {})
+        within = rows.get("after", {}).get("within_faithful", 1.5)
+        for mode in sorted(targets, key=("faithful", "lean", "12gb", "8gb").index):
+            b, a, f = before.get(mode), after.get(mode), after.get("faithful")
+            cut = f"{b / a:.1f}x" if b and a else "-"
+            vs = f"{a / f:.2f} (target <= {within:g})" if a and f else "-"
+            lines.append(f"| {unet} | `{mode}` | {b if b is not None else 'not measured'} "
+                         f"| {a if a is not None else 'not measured'} | {cut} | >= {targets[mode]:g}x | {vs} |")
+        runs += [r for r in (rows.get("before"), rows.get("after")) if r]
+    how = "\n".join(f"* `{r['command']}` ({r['unet']}, {r['label']}, {r['date']}; bare forward + backward: "
+                     f"{r['bare_ops']} ops{'; ' + r['note'] if r.get('note') else ''})" for r in runs)
     return "\n".join(lines) + "\n\nMeasured by:\n\n" + (how or "* nothing yet: run `python tools/bench_ops.py`") + "\n"
 
 
