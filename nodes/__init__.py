@@ -1,6 +1,7 @@
 """The pack's ComfyUI nodes: thin adapters around :mod:`trainer`."""
 from .delta_nodes import LipschitzApplyDelta, LipschitzSaveDelta
 from .grid import LipschitzLabeledGrid
+from .lora_export import LipschitzExtractLoRA
 from .metrics import (LipschitzDrift, LipschitzEvalModelLoader, LipschitzMetricsTable, LipschitzPromptFidelity,
                       LipschitzSubjectFidelity)
 from .personalize import LipschitzPersonalize
@@ -12,6 +13,7 @@ NODES = [
     LipschitzPersonalize,
     LipschitzSaveDelta,
     LipschitzApplyDelta,
+    LipschitzExtractLoRA,
     LipschitzTrainingReport,
     LipschitzLabeledGrid,
     LipschitzEvalModelLoader,
