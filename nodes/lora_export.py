@@ -26,12 +26,12 @@ class LipschitzExtractLoRA(io.ComfyNode):
             description="Truncated SVD of each weight's delta -> a kohya-format LoRA in models/loras "
                         "(tens of MB instead of 1.7 GB; loads in LoraLoaderModelOnly, A1111/Forge, diffusers).",
             inputs=[
-                DeltaType.Input("delta", optional=True, tooltip="A trained delta (from Lipschitz Personalize)."),
-                io.Combo.Input("delta_file", options=[NO_FILE, *delta_files()], default=NO_FILE, optional=True,
-                               tooltip=f"Or a delta file in models/{FOLDER}."),
                 io.Int.Input("rank", default=16, min=1, max=4096,
                              tooltip="Rank of each factor pair: higher keeps more of the delta and makes a larger file."),
                 io.String.Input("filename_prefix", default="lipschitz_lora"),
+                DeltaType.Input("delta", optional=True, tooltip="A trained delta (from Lipschitz Personalize)."),
+                io.Combo.Input("delta_file", options=[NO_FILE, *delta_files()], default=NO_FILE, optional=True,
+                               tooltip=f"Or a delta file in models/{FOLDER}."),
                 io.Combo.Input("biases_and_norms", options=list(ONE_D), default="drop", optional=True,
                                tooltip="drop: every LoRA loader reads the file (their share of the delta is shown). "
                                        "keep: stored whole as diff keys; ComfyUI applies them, diffusers refuses the file."),

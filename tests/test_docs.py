@@ -22,7 +22,8 @@ def test_every_block_is_present_and_filled():
              for doc in render_docs.DOCS}
     assert names == {"README.md": {"perf-summary", "toy-table", "vram-modes"},
                      "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-peaks", "perf-gpu"},
-                     "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"}}
+                     "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"},
+                     "lora.md": {"lora-table", "lora-fullsize"}}
     for doc in render_docs.DOCS:
         for m in render_docs.BLOCK.finditer(doc.read_text()):
             assert m.group("body").count("\n|") >= 3, f"{doc.name}:{m.group('name')} is empty"

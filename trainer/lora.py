@@ -3,7 +3,7 @@
 A finished SD1.5 delta is 1.7 GB in fp16; people share and load subjects as LoRAs of tens of
 MB.  Like kohya's ``extract_lora_from_models.py``, each weight's delta ``D`` (a conv kernel
 ``[out, in, kh, kw]`` read as the matrix ``[out, in*kh*kw]``) is replaced by its best rank-``r``
-approximation ``up @ down`` (Eckart-Young: ``up = U_r S_r``, ``down = V_r^T``), stored as
+approximation ``up @ down = U_r S_r V_r^T`` (Eckart-Young: the truncated SVD), stored as
 
 * ``lora_unet_<module>.lora_down.weight``: ``[r, in]`` (linear) or ``[r, in, kh, kw]`` (conv),
 * ``lora_unet_<module>.lora_up.weight``: ``[out, r]`` or ``[out, r, 1, 1]``,
@@ -151,14 +151,23 @@ class LoRAStats:
 
 def factorize(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The best rank-``rank`` approximation of ``delta`` (2-D, or a conv kernel read as
-    ``[out, in*kh*kw]``) as fp32 ``(up, down)`` in the loaders' shapes; the rank is capped at
-    ``min(out, in*kh*kw)``, where the product is ``delta`` itself."""
+    ``M = [out, in*kh*kw]``) as fp32 ``(up, down)`` in the loaders' shapes; the rank is capped at
+    ``min(out, in*kh*kw)``, where the product is ``delta`` itself.
+
+    The truncated SVD ``U_r S_r V_r^T`` through the eigenvectors of the smaller Gram matrix
+    (``M M^T`` or ``M^T M``, in fp64): ``up @ down = U_r U_r^T M = M V_r V_r^T``.  One matrix
+    product and an eigendecomposition of at most 1280 x 1280 for SD1.5, about ten times faster
+    on a CPU than LAPACK's SVD of the 1280 x 11520 kernels, and exact to fp64 rounding for every
+    singular value above ``1e-8`` of the largest (fp16 storage resolves far less).
+    """
     out_dim = delta.shape[0]
-    u, s, vh = torch.linalg.svd(delta.reshape(out_dim, -1).float(), full_matrices=False)
-    r = min(rank, s.numel())
-    # Copies in row-major order: LAPACK's factors may be column-major, and a view would keep all
-    # of vh alive in the output.
-    up, down = (u[:, :r] * s[:r]).contiguous(), vh[:r].clone(memory_format=torch.contiguous_format)
+    m = delta.reshape(out_dim, -1).double()
+    wide = m.shape[0] <= m.shape[1]
+    _, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # eigenvalues ascending: S^2
+    r = min(rank, vectors.shape[0])
+    top = vectors[:, -r:].flip(1)                                 # U_r (wide) or V_r, largest first
+    up, down = (top, top.T @ m) if wide else (m @ top, top.T)
+    up, down = up.float().contiguous(), down.float().contiguous()
     return up.reshape(out_dim, r, *([1] * (delta.dim() - 2))), down.reshape(r, *delta.shape[1:])
 
 
@@ -184,7 +193,7 @@ def extract_lora(delta: Mapping[str, Tensor], rank: int, dtype: torch.dtype = to
                  keep_1d: bool = False, progress: Progress | None = None) -> tuple[dict[str, Tensor], LoRAStats]:
     """``delta`` (U-Net parameter name in ComfyUI's LDM layout -> tensor) -> kohya LoRA tensors
     in ``dtype`` and what they keep.  One tensor at a time: besides the output, only the tensor
-    being factored and its SVD are held (SD1.5's largest: about 60 MB each).  ``keep_1d``: biases
+    being factored and its factors are held (SD1.5's largest, 1280 x 23040, in fp64: 240 MB).  ``keep_1d``: biases
     and norms as ``.diff``/``.diff_b`` (ComfyUI only) instead of dropped.  ``progress(i, n,
     name)`` is called after each tensor."""
     if rank < 1:
