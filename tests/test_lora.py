@@ -169,7 +169,8 @@ def test_diffusers_load_lora_weights_changes_the_output_as_the_delta_does(tiny_d
 
     def unet(with_delta: bool):
         net = make_unet()
-        net.load_state_dict({k: ldm[v] + (delta[v] if with_delta and delta[v].dim() >= 2 else 0) for k, v in key_map.items()})
+        net.load_state_dict({k: ldm[key_map[k]] + (delta[key_map[k]] if with_delta and delta[key_map[k]].dim() >= 2 else 0)
+                             for k in net.state_dict()})
         return net.eval()
 
     pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet(False), scheduler=None,
@@ -184,3 +185,22 @@ def test_diffusers_load_lora_weights_changes_the_output_as_the_delta_does(tiny_d
     change = (reference - base).abs().max()
     assert change > 1e-3
     assert (loaded - reference).abs().max() <= 1e-3 * change
+
+
+def test_headless_command_writes_a_verified_kohya_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from tools import extract_lora as command
+    from trainer.persist import load_verified, save_verified
+
+    shapes = {n: s for n, s in _ldm_shapes(tiny=True).items() if n.startswith(("input_blocks.0.", "input_blocks.1.1.proj"))}
+    delta = _random_delta(shapes, seed=len(shapes))
+    file_keys = {f"diffusion_model.{n.rsplit('.', 1)[0]}.{'diff' if n.endswith('.weight') else 'diff_b'}": t
+                 for n, t in delta.items()}
+    save_verified(tmp_path / "delta.safetensors", file_keys, {"base_fingerprint": "abc"})
+    assert command.main([str(tmp_path / "delta.safetensors"), "--rank", "2", "--out", str(tmp_path / "lora.safetensors")]) == 0
+    tensors, meta = load_verified(tmp_path / "lora.safetensors")
+    assert meta["rank"] == "2" and meta["base_fingerprint"] == "abc" and meta["source"] == "delta.safetensors"
+    assert float(meta["rel_frobenius_error"]) > 0
+    assert load_file(tmp_path / "lora.safetensors")["lora_unet_conv_in.alpha"].item() == 2.0
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (2, 320, 1, 1)
