@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .delta_nodes import LipschitzApplyDelta, LipschitzSaveDelta
 from .grid import LipschitzLabeledGrid
+from .lora_export import LipschitzExtractLoRA
 from .metrics import (LipschitzDrift, LipschitzEvalModelLoader, LipschitzMetricsTable, LipschitzPromptFidelity,
                       LipschitzSubjectFidelity)
 from .personalize import LipschitzPersonalize
@@ -16,6 +17,7 @@ NODES = [
     LipschitzPersonalize,
     LipschitzSaveDelta,
     LipschitzApplyDelta,
+    LipschitzExtractLoRA,
     LipschitzTrainingReport,
     LipschitzLabeledGrid,
     LipschitzEvalModelLoader,

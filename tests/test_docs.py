@@ -24,7 +24,8 @@ def test_every_block_is_present_and_filled():
     assert names == {"README.md": {"vram-modes"},
                      "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-peaks", "perf-gpu"},
                      "method.md": {"toy-table"},
-                     "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"}}
+                     "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"},
+                     "lora.md": {"lora-table", "lora-fullsize"}}
     for doc in render_docs.DOCS:
         for m in render_docs.BLOCK.finditer(doc.read_text()):
             assert m.group("body").count("\n|") >= 3, f"{doc.name}:{m.group('name')} is empty"

@@ -31,6 +31,7 @@ BENCH = REPO_ROOT / "docs" / "bench_cpu.json"
 FULLSIZE = REPO_ROOT / "docs" / "bench_fullsize.json"
 OPS = REPO_ROOT / "docs" / "bench_ops.json"
 TOY = REPO_ROOT / "docs" / "toy.json"
+LORA = REPO_ROOT / "docs" / "lora.json"
 GPU = REPO_ROOT / "docs" / "gpu"
 # The GPU runs (tools/bench_gpu.py output, one JSON line per figure) and the modes each one
 # measured as the code defines them today: the first run measured 12gb/8gb with bf16 compute,
@@ -39,7 +40,7 @@ GPU_RUNS = [("bench_gpu_modes_bf16.jsonl", {"faithful": "faithful", "lean": "lea
                                             "12gb": "12gb with bf16 compute (superseded)",
                                             "8gb": "8gb with bf16 compute (superseded)"}),
             ("bench_gpu_modes_final.jsonl", {"12gb": "12gb", "8gb": "8gb"})]
-DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md"))]
+DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md", "lora.md"))]
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
                    re.S)
 
@@ -277,7 +278,43 @@ def _toy(render_name: str) -> Callable[[], str]:
     return render
 
 
+def _lora(section: str) -> dict[str, Any] | None:
+    return json.loads(LORA.read_text()).get(section) if LORA.exists() else None
+
+
+def _lora_run(r: dict[str, Any]) -> str:
+    run = r["run"]
+    return f"`{run['command']}` ({run['date']}, {run['machine']}, {run['cpus']} threads)"
+
+
+def lora_table() -> str:
+    """Size and error of the exported LoRA by rank, on a trained delta (docs/lora.json, ``tools/bench_lora.py``)."""
+    t = _lora("trained")
+    if t is None:
+        return "| rank | file | error |\n| --- | --- | --- |\n| not measured | - | - |\n| run `python tools/bench_lora.py` | - | - |\n"
+    lines = ["| rank | file | relative error `\\|delta - LoRA\\| / \\|delta\\|` |", "| --- | --- | --- |",
+             f"| (the delta file, fp16) | {t['delta_mb_fp16']:.1f} MB | 0 |"]
+    lines += [f"| {r['rank']} | {r['file_mb']:.2f} MB | {r['rel_error']:.3f} |" for r in t["ranks"]]
+    dropped = t["ranks"][0]["dropped_norm_fraction"]
+    return ("\n".join(lines) + f"\n\n{t['model']}, {t['steps']} steps at lr {t['lr']:g}, lambda {t['lambda']:g}. "
+            f"Rank keeping 95% of the delta's norm: **{t['rank_for_95pct_norm']}**. Biases and norms (dropped) hold "
+            f"{dropped:.1%} of the norm. Measured by {_lora_run(t)}.\n")
+
+
+def lora_fullsize() -> str:
+    """The full-size SVD's time on the CPU (docs/lora.json)."""
+    f = _lora("fullsize")
+    if f is None:
+        return "| figure | value |\n| --- | --- |\n| not measured | - |\n| run `python tools/bench_lora.py --only fullsize` | - |\n"
+    rows = [("U-Net tensors / weights factored", f"{f['tensors']} / {f['factored']}"), ("rank", f["rank"]),
+            ("wall time on the CPU", f"{f['seconds']:.0f} s"), ("LoRA size (fp16)", f"{f['lora_mb']:.1f} MB"),
+            ("peak RSS growth during the export", f"{f['peak_rss_growth_mb']:.0f} MB")]
+    return ("| figure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+            + f"\n\nMeasured by {_lora_run(f)}.\n")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "lora-table": lora_table, "lora-fullsize": lora_fullsize,
     "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-ops": perf_ops, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
     "vram-modes": vram_modes,
     "toy-table": _toy("markdown_table"),
