@@ -4,8 +4,8 @@ from __future__ import annotations
 import comfy.utils
 from comfy_api.latest import io
 
-from .host.delta_file import TrainedDelta
-from .host.errors import NodeInputError
+from ..trainer.files.delta_file import TrainedDelta
+from ..trainer.errors import NodeInputError
 from .host.folders import FOLDER, delta_dir, delta_files
 from .host.lora_file import export_lora, next_free_lora, read_delta_file
 from .host.progress import send_text

@@ -245,9 +245,10 @@ def test_training_against_the_file_leaves_comfyuis_copy_of_the_unet_unloaded_and
     import folder_paths
 
     folder_paths.add_model_folder_path("checkpoints", str(fp32_ckpt.parent))
-    host_anchor = _pack_module("nodes.host.anchor")
-    host_model = _pack_module("nodes.host.model")
-    run = _pack_module("nodes.host.run")
+    from lipschitz_personalize.nodes.host import anchor as host_anchor
+    from lipschitz_personalize.nodes.host import model as host_model
+    from lipschitz_personalize.nodes.host import run
+
     m16 = comfy.sd.load_checkpoint_guess_config(str(fp32_ckpt), output_vae=False, output_clip=False,
                                                 model_options={"dtype": torch.float16})[0]
     unet = m16.model.diffusion_model

@@ -22,7 +22,7 @@ def test_every_block_is_present_and_filled():
     names = {doc.name: {m.group("name") for m in render_docs.BLOCK.finditer(doc.read_text())}
              for doc in render_docs.DOCS}
     assert names == {"README.md": {"vram-modes"},
-                     "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-peaks", "perf-gpu"},
+                     "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-ops", "perf-peaks", "perf-gpu"},
                      "method.md": {"toy-table"},
                      "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"},
                      "lora.md": {"lora-table", "lora-fullsize"}}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench_models
-from trainer.lora import LoRAStats, UNetLayout, delta_from_file, extract_lora, factorize, lora_name, lora_nbytes
+from lipschitz_personalize.trainer.lora import UNetLayout, delta_from_file, extract_lora, factorize, lora_name, lora_nbytes
 
 SHAPES = [(48, 24), (24, 48), (32, 16, 3, 3), (16, 32, 1, 1)]
 
@@ -191,7 +191,7 @@ def test_headless_command_writes_a_verified_kohya_file(tmp_path):
     from safetensors.torch import load_file
 
     from tools import extract_lora as command
-    from trainer.persist import load_verified, save_verified
+    from lipschitz_personalize.trainer.persist import load_verified, save_verified
 
     shapes = {n: s for n, s in _ldm_shapes(tiny=True).items() if n.startswith(("input_blocks.0.", "input_blocks.1.1.proj"))}
     delta = _random_delta(shapes, seed=len(shapes))

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from fault_pack.harness import check_prompt, file_unet_hash, make_server, process_info, rss_bytes
+from fault_pack.harness import check_prompt, file_unet_hash, make_server, process_info
 from tools.graphs import CKPT, DATA, RES, personalize_inputs
 from lipschitz_personalize.trainer.persist import load_verified, read_metadata
 

@@ -38,8 +38,8 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "tools")):
 import torch  # noqa: E402
 
 import bench_models  # noqa: E402
-from trainer.lora import extract_lora, kohya_metadata  # noqa: E402
-from trainer.persist import save_verified  # noqa: E402
+from lipschitz_personalize.trainer.lora import extract_lora, kohya_metadata  # noqa: E402
+from lipschitz_personalize.trainer.persist import save_verified  # noqa: E402
 
 RANKS = (4, 16, 64, 128)
 OUT = REPO_ROOT / "docs" / "lora.json"

@@ -15,14 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_import import add_to_sys_path  # noqa: E402
+
+add_to_sys_path()  # the pack as lipschitz_personalize
 
 import torch  # noqa: E402
 
-from trainer.lora import delta_from_file, extract_lora, kohya_metadata, lora_nbytes  # noqa: E402
-from trainer.persist import CorruptFileError, load_verified, save_verified  # noqa: E402
+from lipschitz_personalize.trainer.lora import delta_from_file, extract_lora, kohya_metadata, lora_nbytes  # noqa: E402
+from lipschitz_personalize.trainer.persist import CorruptFileError, load_verified, save_verified  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

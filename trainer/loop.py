@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .config import TrainConfig
 from .delta import ParameterDelta
 from .metrics import StepMetrics
-from .objective import NonFiniteLossError, Regularizer, denoise_loss
+from .objective import Regularizer, denoise_loss
 from .optim import make_update
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]

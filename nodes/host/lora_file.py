@@ -14,8 +14,8 @@ import torch
 
 from ...trainer.lora import Progress, delta_from_file, extract_lora, kohya_metadata, lora_nbytes, LoRAStats
 from ...trainer.persist import CorruptFileError, load_verified, save_verified
-from .delta_file import TrainedDelta
-from .errors import NodeInputError
+from ...trainer.files.delta_file import TrainedDelta
+from ...trainer.errors import NodeInputError
 from .folders import safe_filename
 
 DISK_MARGIN = 64 * 2**20  # the temporary file and the safetensors header, with room to spare
