@@ -46,7 +46,7 @@ def chunking(request, monkeypatch):
     """The update in one slice per tensor, or in slices of 512 values (SD1.5's big tensors are
     chunked at 4M; here the test tensors are, with a last partial block)."""
     if request.param == "chunked":
-        monkeypatch.setattr("trainer.compact_adam.CHUNK", 2 * BLOCK)
+        monkeypatch.setattr("lipschitz_personalize.trainer.compact_adam.CHUNK", 2 * BLOCK)
     return request.param
 
 

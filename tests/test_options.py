@@ -64,7 +64,7 @@ def test_weight_decay_groups_equal_the_closed_form_over_20_steps(kind, step_in_b
     _, grouped = _trainer(**options)
     assert grouped.update.decay is not None
     with monkeypatch.context() as m:
-        m.setattr("trainer.objective.Regularizer.weight_decay", lambda self, delta, lam: None)
+        m.setattr("lipschitz_personalize.trainer.objective.Regularizer.weight_decay", lambda self, delta, lam: None)
         _, closed = _trainer(**options)
     assert closed.update.decay is None
     m_grouped, m_closed = _run(grouped), _run(closed)
@@ -75,7 +75,7 @@ def test_weight_decay_groups_equal_the_closed_form_over_20_steps(kind, step_in_b
     _, more_grouped = _trainer(**{**options, "steps": 22})
     more_grouped.load_state_dict(grouped.state_dict())
     with monkeypatch.context() as m:
-        m.setattr("trainer.objective.Regularizer.weight_decay", lambda self, delta, lam: None)
+        m.setattr("lipschitz_personalize.trainer.objective.Regularizer.weight_decay", lambda self, delta, lam: None)
         _, more_closed = _trainer(**{**options, "steps": 22})
     more_closed.load_state_dict(grouped.state_dict())
     _run(more_grouped, 2), _run(more_closed, 2)
@@ -100,7 +100,7 @@ def test_step_in_backward_is_bitwise_the_faithful_step_and_resumes_interchangeab
 def test_step_in_backward_frees_each_gradient_during_backward(monkeypatch):
     """The point of the option: no full set of gradients exists during backward - each bucket
     (here: each tensor) steps and frees its gradients as soon as they are complete."""
-    monkeypatch.setattr("trainer.optim.BUCKET", 1)
+    monkeypatch.setattr("lipschitz_personalize.trainer.optim.BUCKET", 1)
     model, t = _trainer(step_in_backward=True, steps=1)
     seen = []
     t.update.optimizer.register_step_post_hook(

@@ -299,7 +299,7 @@ def _checkpointed_trainer(steps: int):
 def test_a_cancel_during_the_backward_recompute_leaves_a_state_that_resumes_bitwise(monkeypatch):
     """lean steps each tensor inside backward (here each tensor is a bucket): a cancel raised by
     a layer while backward recomputes it must not leave half a step behind."""
-    monkeypatch.setattr("trainer.optim.BUCKET", 1)
+    monkeypatch.setattr("lipschitz_personalize.trainer.optim.BUCKET", 1)
     steps = 8
     at = random.randrange(1, steps - 1)  # the step during whose backward the user cancels
     full = _checkpointed_trainer(steps)
