@@ -211,15 +211,16 @@ print(json.dumps({{mode: measure(mode) for mode in sys.argv[1:]}}))
 @pytest.fixture(scope="module")
 def measured_peaks() -> dict[str, dict]:
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tools.pack_import import subprocess_env
+
     code = _PEAK_CHILD.format(config=TrainConfig.__module__, delta=ParameterDelta.__module__,
                               loop=RegularizedTrainer.__module__, memory=configure.__module__)
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(root)}
+    env = {**subprocess_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", code, *ORDER], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
