@@ -162,7 +162,7 @@ def test_training_computes_pytorchs_attention_whatever_backend_comfyui_runs(mode
 
 
 def test_a_server_started_with_split_attention_trains_the_default_servers_delta(tmp_path_factory, tiny_ckpt,
-                                                                                fp32_ckpt, comfy_server):
+                                                                                fp32_ckpt):
     """ComfyUI 0.3.75 on a CPU samples with sub-quadratic attention by default and with the split
     variant under --use-split-cross-attention: the two servers train the same delta, bit for bit,
     and the node says which attention it replaced."""
@@ -170,10 +170,14 @@ def test_a_server_started_with_split_attention_trains_the_default_servers_delta(
     split.extra_args.append("--use-split-cross-attention")
     with split:
         result_split, texts_split, delta_split = _train_on(split, fp32_ckpt)
-    result, texts, delta = _train_on(comfy_server, fp32_ckpt)
+    # A fresh default server too: the session's may hold this run already and reload it untrained.
+    default = make_server(tmp_path_factory.mktemp("default_attention") / "comfy", tiny_ckpt)
+    with default:
+        result, texts, delta = _train_on(default, fp32_ckpt)
     assert result_split.status == result.status == "success", (result_split.error, result.error)
     assert any("split cross attention (--use-split-cross-attention)" in t for t in texts_split), texts_split
     assert any("sub-quadratic attention" in t for t in texts), texts
     assert delta_split.keys() == delta.keys()
     assert all(torch.equal(delta_split[k], delta[k]) for k in delta)
-    shutil.rmtree(split.base_dir, ignore_errors=True)
+    for server in (split, default):
+        shutil.rmtree(server.base_dir, ignore_errors=True)

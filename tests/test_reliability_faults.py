@@ -38,7 +38,7 @@ def srv(tmp_path_factory, tiny_ckpt):
     server.deltas = server.base_dir / "models" / "lipschitz_deltas"
     with server:
         # After one prompt has run: the threads a server has before any training.
-        server.threads = sorted(check_prompt(server.client, CKPT)["threads"])
+        server.threads = sorted(t for t in check_prompt(server.client, CKPT)["threads"] if t != "tqdm_monitor")
         yield server
 
 
@@ -80,7 +80,9 @@ def _check_resume_state(path, steps_done: int) -> None:
 def _after_run(server, rss_before: int | None = None, label: str = "", tolerance: float = 0.10) -> dict:
     check = check_prompt(server.client, CKPT)  # also: the next prompt works
     assert check["hash"] == server.expected_hash, "the base U-Net changed"
-    assert sorted(check["threads"]) == server.threads, f"the run left Python threads behind: {check['threads']}"
+    # tqdm's monitor thread starts with the first sampler progress bar and lives for the process.
+    threads = sorted(t for t in check["threads"] if t != "tqdm_monitor")
+    assert threads == server.threads, f"the run left Python threads behind: {check['threads']}"
     from fault_pack.harness import training_threads  # (kept off the import lines: another branch edits them)
 
     named = training_threads(server.proc.pid, settle_s=0)
@@ -226,7 +228,9 @@ def test_twenty_personalizations_queued_back_to_back_with_sampling_between(srv):
     before = _files(srv, "auto")
     start = time.monotonic()
     ids = []
-    for i in range(21):  # the first pair warms up the sampling path: it is the memory baseline
+    # The first two pairs warm up: the second run still takes a one-time ~6% step (seen here:
+    # 1936 -> 2055 MiB, then flat within 5 MiB over 19 runs), so the baseline is after it.
+    for i in range(21):
         ids.append(("train", client.queue(_graph(seed=300 + i, steps=2))))
         ids.append(("sample", client.queue(sampler)))
     histories = {}
@@ -247,15 +251,15 @@ def test_twenty_personalizations_queued_back_to_back_with_sampling_between(srv):
     assert len(_files(srv, "auto") - before) == 21
     rss = [process_info(histories[pid]["outputs"]["proc"]["text"])["rss"] for kind, pid in ids if kind == "sample"]
     print(f"\n[back-to-back] {len(ids)} prompts in {elapsed:.0f}s; RSS MiB after each sampling job "
-          f"(warm-up first): {[r >> 20 for r in rss]}")
+          f"(two warm-ups first): {[r >> 20 for r in rss]}")
     mib = [r >> 20 for r in rss]
     # A leak grows with every run; a transient peak (an allocator holding a freed buffer when the
     # sampling job reads RSS) comes back at the next run. Seen on a clean run: single peaks of
     # +10% over the warmed-up level between runs at +0%. One run's delta here is ~50 MB, so a
     # leaked delta per run would add ~1 GB over the 20 runs and fail all three checks.
-    assert statistics.median(rss[1:]) <= rss[0] * 1.05, f"memory grew over the warmed-up level: {mib} MiB"
-    assert max(rss[1:]) <= rss[0] * 1.25, f"a run kept >25% more memory than the warmed-up level: {mib} MiB"
-    first, last = sum(rss[1:6]) / 5, sum(rss[-5:]) / 5
+    assert statistics.median(rss[2:]) <= rss[1] * 1.05, f"memory grew over the warmed-up level: {mib} MiB"
+    assert max(rss[2:]) <= rss[1] * 1.25, f"a run kept >25% more memory than the warmed-up level: {mib} MiB"
+    first, last = sum(rss[2:7]) / 5, sum(rss[-5:]) / 5
     assert last <= first * 1.05, f"memory creeps up over the 20 runs (a leak): {mib} MiB"
     for path in _files(srv, "auto") - before:
         _delta_tensors(path)
