@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..trainer.files.delta_file import TrainedDelta
 from ..trainer.errors import NodeInputError
-from .host.folders import FOLDER, delta_dir, delta_files
-from .host.lora_file import export_lora, next_free_lora, read_delta_file
+from .host.folders import FOLDER, delta_dir, delta_files, next_free
+from .host.lora_file import export_lora, lora_dir, read_delta_file
 from .host.progress import send_text
 from .host.types import DeltaType
 
@@ -57,7 +57,7 @@ class LipschitzExtractLoRA(io.ComfyNode):
         else:
             source = f"run {delta.meta.get('run_key', 'unsaved')}"
         node_id = cls.hidden.unique_id or "0"
-        path = next_free_lora(filename_prefix)
+        path = next_free(filename_prefix, lora_dir())
         bar = comfy.utils.ProgressBar(len(delta.tensors), node_id=node_id)
 
         def progress(i: int, n: int, name: str) -> None:

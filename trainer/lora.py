@@ -32,9 +32,10 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .files.delta_file import param_name
+
 FORMAT = "lipschitz-lora/1"
 LORA_PREFIX = "lora_unet_"
-DELTA_FILE_PREFIX = "diffusion_model."  # the delta file's keys: diffusion_model.<module>.diff / .diff_b
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -110,11 +111,7 @@ def lora_name(parameter: str, layout: UNetLayout) -> str:
 def delta_from_file(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A delta file's tensors (``diffusion_model.<module>.diff`` / ``.diff_b``, and for a stopped
     run its resume state, ignored) -> U-Net parameter name -> tensor."""
-    out = {}
-    for key, t in tensors.items():
-        if key.startswith(DELTA_FILE_PREFIX) and key.endswith((".diff", ".diff_b")):
-            module, kind = key[len(DELTA_FILE_PREFIX):].rsplit(".", 1)
-            out[f"{module}.{'weight' if kind == 'diff' else 'bias'}"] = t
+    out = {name: t for key, t in tensors.items() if (name := param_name(key)) is not None}
     if not out:
         raise ValueError("the file holds no diffusion_model.*.diff tensor: not a delta file of this pack")
     return out

@@ -71,9 +71,10 @@ def safe_filename(prefix: str) -> str:
     return name[:80] or "lipschitz_delta"
 
 
-def next_free(prefix: str) -> Path:
+def next_free(prefix: str, folder: Path | None = None) -> Path:
+    """The first unused ``<prefix>_NNNNN.safetensors`` in ``folder`` (default: the delta folder)."""
     base = safe_filename(prefix)
-    folder = delta_dir()
+    folder = folder or delta_dir()
     n = 1
     while (folder / f"{base}_{n:05d}.safetensors").exists():
         n += 1

@@ -16,7 +16,6 @@ from ...trainer.lora import Progress, delta_from_file, extract_lora, kohya_metad
 from ...trainer.persist import CorruptFileError, load_verified, save_verified
 from ...trainer.files.delta_file import TrainedDelta
 from ...trainer.errors import NodeInputError
-from .folders import safe_filename
 
 DISK_MARGIN = 64 * 2**20  # the temporary file and the safetensors header, with room to spare
 
@@ -25,13 +24,6 @@ def lora_dir() -> Path:
     path = Path(folder_paths.get_folder_paths("loras")[0])
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def next_free_lora(prefix: str) -> Path:
-    base, folder, n = safe_filename(prefix), lora_dir(), 1
-    while (folder / f"{base}_{n:05d}.safetensors").exists():
-        n += 1
-    return folder / f"{base}_{n:05d}.safetensors"
 
 
 def read_delta_file(path: Path) -> TrainedDelta:

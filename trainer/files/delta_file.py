@@ -70,6 +70,15 @@ def file_key(name: str) -> str:
     return f"{PATCH_PREFIX}{name}.diff"
 
 
+def param_name(key: str) -> str | None:
+    """The inverse of :func:`file_key`: a diff key -> its U-Net parameter name; ``None`` for any
+    other key (a stopped run's resume state)."""
+    if not key.startswith(PATCH_PREFIX):
+        return None
+    module, _, kind = key[len(PATCH_PREFIX):].rpartition(".")
+    return {"diff": f"{module}.weight", "diff_b": f"{module}.bias"}.get(kind) if module else None
+
+
 def run_key(parts: dict[str, Any], tensors: list[Tensor]) -> str:
     """Hash identifying a run: images' bytes, prompts, hyperparameters, base fingerprint."""
     h = hashlib.sha256(FORMAT.encode())
