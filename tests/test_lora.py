@@ -158,7 +158,6 @@ def tiny_diffusers(tiny_ckpt):
 
 
 def test_diffusers_load_lora_weights_changes_the_output_as_the_delta_does(tiny_diffusers, tmp_path):
-    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (not in requirements-dev.txt)")
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
