@@ -34,14 +34,14 @@ from typing import Literal
 from .compact_adam import BLOCK, CHUNK
 from .config import ConfigError, TrainConfig
 
-Anchor = Literal["checkpoint", "model"]
+AnchorSource = Literal["checkpoint", "model"]  # where theta0 comes from (the host's Anchor says how it is read)
 GB = 1e9
 
 
 @dataclass(frozen=True)
 class MemoryMode:
     name: str
-    anchor: Anchor
+    anchor: AnchorSource
     """``checkpoint``: theta0 is the checkpoint file's values (fp32 for an fp32 file);
     ``model``: theta0 is the model as the host stores it (fp16 on a GPU)."""
     options: dict
