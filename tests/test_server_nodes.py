@@ -189,3 +189,51 @@ def test_stock_load_image_feeds_the_trainer_and_the_base_still_samples_the_base(
     assert len(result.events("lipschitz.progress")) == 2
     assert np.array_equal(_pixels(server, result, "stock_base_save"), reference)
     assert not np.array_equal(_pixels(server, result, "stock_tuned_save"), reference)
+
+
+def test_lean_cancelled_at_random_times_resumes_bitwise_to_the_uninterrupted_run(server):
+    """``lean`` steps Adam inside backward, and ComfyUI checks for an interrupt inside every op,
+    also during the checkpoint recompute in backward: wherever the Cancel lands, the saved
+    partial run must be the last completed step, so that resuming gives the uninterrupted
+    run's delta bit for bit (fp32 delta: nothing is rounded on the way)."""
+    import random
+    import threading
+
+    client, deltas = server.client, server.base_dir / "models" / "lipschitz_deltas"
+    inputs = {"steps": 8, "seed": 31, "memory": "lean", "delta_dtype": "fp32", "resolution": 128}
+
+    def finished(resume: bool, on_message=None) -> dict:
+        client.post("/free", {"free_memory": True})  # ComfyUI must not serve the last run from its cache
+        graph = personalize_graph("cancel", resume=resume, **inputs)
+        graph["report"] = {"class_type": "LipschitzTrainingReport", "inputs": {"log_1": ["train", 2]}}
+        graph["show"] = {"class_type": "PreviewImage", "inputs": {"images": ["report", 0]}}
+        return client.run(graph, timeout=600, on_message=on_message)
+
+    others = set(deltas.glob("auto_*.safetensors"))  # the module's other tests' runs
+
+    def take_auto() -> dict:
+        (auto,) = set(deltas.glob("auto_*.safetensors")) - others
+        tensors = load_file(auto)
+        auto.unlink()  # the next run must train, not reload this one
+        return tensors
+
+    pick = random.SystemRandom()
+    stopped_at: list[float] = []
+    results: list[dict] = []
+
+    def cancel_soon(msg) -> None:
+        if msg.get("type") == "lipschitz.progress" and len(stopped_at) < len(results) + 1:
+            delay = pick.uniform(0.2, 1.5)  # somewhere in the next steps: forward, backward or update
+            stopped_at.append(delay)
+            threading.Timer(delay, client.interrupt).start()
+
+    for _ in range(3):
+        assert finished(False, cancel_soon).status == "interrupted"
+        assert list(deltas.glob("partial_*.safetensors")), "no partial run was saved"
+        assert finished(True).status == "success"
+        results.append(take_auto())
+    assert finished(False).status == "success"
+    reference = take_auto()
+    for tensors in results:
+        assert tensors.keys() == reference.keys()
+        assert all(torch.equal(tensors[k], reference[k]) for k in reference), f"cancelled after {stopped_at}"
