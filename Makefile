@@ -8,10 +8,12 @@ TINY_SD15 = $(MODELS)/tiny_sd15.safetensors
 TINY_SDXL = $(MODELS)/tiny_sdxl.safetensors
 TINY_ENC = $(MODELS)/eval/tiny-clip.safetensors
 FULL_SD15 = $(MODELS)/fullsize_sd15_fp16.safetensors
+MICROWORLD = $(MODELS)/microworld_sd15.safetensors
+MW_WEIGHTS = tools/microworld/weights
 
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv comfyui tiny-ckpt tiny-encoders fullsize-ckpt browser-deps test demo
+.PHONY: venv comfyui tiny-ckpt tiny-encoders fullsize-ckpt microworld browser-deps test demo
 
 venv: $(STAMP)
 
@@ -40,6 +42,13 @@ $(TINY_SD15): | $(STAMP)
 $(TINY_SDXL): | $(STAMP)
 	$(VPY) tools/make_tiny_checkpoint.py --out $@ --arch sdxl
 
+# The micro-world (docs/microworld.md): its SD1.5-layout checkpoint assembled from the committed
+# U-Net and VAE weights plus the regenerated text encoder, and its evaluation CLIP in models/eval.
+microworld: $(MICROWORLD)
+
+$(MICROWORLD): $(MW_WEIGHTS)/unet.safetensors $(MW_WEIGHTS)/vae.safetensors tools/microworld/text_encoder.py | $(STAMP) comfyui
+	$(VPY) tools/microworld/build.py --out $@ --eval-dir $(MODELS)/eval
+
 # The full-size SD1.5 stand-in (random weights, 2.1 GB, the fp16 file's layout) for
 # tests/test_fullsize.py; `--arch sd15-full` writes the 4.3 GB fp32 one.
 fullsize-ckpt: $(FULL_SD15)
@@ -51,10 +60,10 @@ $(FULL_SD15): | $(STAMP)
 browser-deps:
 	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: venv comfyui tiny-ckpt tiny-encoders fullsize-ckpt browser-deps
+test: venv comfyui tiny-ckpt tiny-encoders fullsize-ckpt microworld browser-deps
 	$(VPY) -m pytest -q
 
-demo: venv comfyui $(TINY_SD15) $(TINY_ENC)
+demo: venv comfyui $(TINY_SD15) $(TINY_ENC) $(MICROWORLD)
 	$(VPY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
 
 # Benchmarks (docs/performance.md). bench: CPU suite, one JSON line per figure, recorded in

@@ -371,3 +371,13 @@ def test_metric_tables_of_the_shipped_workflows(server, object_info, name, colum
     for row in body:  # drift is measured against the base model: cosine in [-1, 1], distances >= 0
         values = dict(zip(header[1:], map(float, row[1:])))
         assert -1.0 <= values["drift cosine"] <= 1.0 + 1e-6 and values["drift Frechet"] >= 0, row
+
+
+def test_microworld_demo_workflow_converts_with_the_worlds_schedule(object_info):
+    """`make demo`'s default workflow (tools/microworld/) converts against the live node list and
+    trains with the schedule the micro-world's tests and sweep measured."""
+    from tools.microworld import protocol
+    api = convert(_load(REPO / "tools" / "microworld" / "compare_lambda_microworld.json"), object_info)
+    trains = [n["inputs"] for n in api.values() if n["class_type"] == "LipschitzPersonalize"]
+    assert sorted(t["lambda_reg"] for t in trains) == [0, 500, 2000, 10000]
+    assert {(t["steps"], t["learning_rate"], t["resolution"]) for t in trains} == {(protocol.STEPS, protocol.LR, protocol.RES)}

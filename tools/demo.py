@@ -6,9 +6,14 @@
   ``--fresh`` starts over);
 * copies the shipped reference photos (``tests/data/dog``) into its ``input/dog`` folder;
 * uses the SD1.5 checkpoint given with ``--ckpt PATH``, else one found in ComfyUI's
-  ``models/checkpoints`` (a name containing ``v1-5``, ``sd15`` or ``1.5``), else the tiny
-  random-weight stand-in ``.comfyui/models/tiny_sd15.safetensors`` with fewer steps and 64 px
-  (its images are noise: it proves the plumbing, not the quality);
+  ``models/checkpoints`` (a name containing ``v1-5``, ``sd15`` or ``1.5``), else the
+  micro-world (``make microworld``, docs/microworld.md): a small SD1.5-layout checkpoint
+  pretrained on pictures of coloured shapes, run with its own variant of the workflow
+  (``tools/microworld/compare_lambda_microworld.json``: the subject "sks square", its schedule,
+  its evaluation CLIP), so the grid and table show what lambda does, once its base model passes
+  its quality bar (``docs/microworld_accuracy.json``; ``--world`` forces it); else, or with
+  ``--tiny``, the tiny random-weight stand-in ``.comfyui/models/tiny_sd15.safetensors`` (noise:
+  plumbing only);
 * scores each model with the evaluation encoders in ComfyUI's ``models/eval`` (CLIP ViT-B/32 as
   ``clip-vit-base-patch32/``, DINO ViT-S/16 as ``dino-vits16/``), else with the tiny random
   stand-ins from ``make tiny-encoders`` (their numbers mean nothing, and the table says so);
@@ -16,7 +21,7 @@
   metrics table, and writes the comparison grid, the metrics table and the training report to
   ``output/``.
 
-    python tools/demo.py                      # checkpoint found, or the tiny stand-in
+    python tools/demo.py                      # checkpoint found, or the micro-world
     python tools/demo.py --ckpt ~/models/v1-5-pruned-emaonly.safetensors --steps 400
 """
 from __future__ import annotations
@@ -42,6 +47,17 @@ from workflow_convert import apply_overrides, convert  # noqa: E402
 WORKFLOW = REPO / "workflows" / "compare_lambda.json"
 TINY = REPO / ".comfyui" / "models" / "tiny_sd15.safetensors"
 PHOTOS = REPO / "tests" / "data" / "dog"
+WORLD_WORKFLOW = TOOLS / "microworld" / "compare_lambda_microworld.json"
+WORLD = REPO / ".comfyui" / "models" / "microworld_sd15.safetensors"
+WORLD_EVAL = REPO / ".comfyui" / "models" / "eval" / "microworld-clip"
+WORLD_PHOTOS = REPO / "tests" / "data" / "microworld_subject"
+WORLD_ACCURACY = REPO / "docs" / "microworld_accuracy.json"  # tools/microworld/prompt_accuracy.py
+
+
+def world_is_trained() -> bool:
+    """Whether the committed micro-world base model passed its quality bar (names its prompted
+    concept for at least 80% of samples): only then is it the default."""
+    return WORLD_ACCURACY.is_file() and json.loads(WORLD_ACCURACY.read_text())["prompt_accuracy"] >= 0.8
 TINY_EVAL = REPO / ".comfyui" / "models" / "eval"
 OUT = REPO / "output"
 SD15_HINTS = ("v1-5", "v1_5", "sd15", "sd_15", "sd-1.5", "1.5")
@@ -78,6 +94,14 @@ def ensure_tiny() -> Path:
         subprocess.run([sys.executable, str(TOOLS / "make_tiny_checkpoint.py"), "--out", str(TINY), "--arch", "sd15"],
                        check=True)
     return TINY
+
+
+def ensure_world() -> Path:
+    if not (WORLD.is_file() and (WORLD_EVAL / "config.json").is_file()):
+        say(f"assembling the micro-world checkpoint {WORLD.relative_to(REPO)} ...")
+        subprocess.run([sys.executable, str(TOOLS / "microworld" / "build.py"), "--out", str(WORLD),
+                        "--eval-dir", str(WORLD_EVAL.parent)], check=True)
+    return WORLD
 
 
 def eval_models(eval_dir: Path) -> list[str]:
@@ -149,12 +173,14 @@ def _cuda_available() -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run workflows/compare_lambda.json headlessly and save its grid and report.")
     ap.add_argument("--ckpt", type=Path, help="an SD1.5 checkpoint (.safetensors); default: found in ComfyUI's "
-                                              "models/checkpoints, else the tiny random-weight stand-in")
-    ap.add_argument("--tiny", action="store_true", help="use the tiny stand-in even if a real checkpoint is found")
+                                              "models/checkpoints, else the micro-world")
+    ap.add_argument("--tiny", action="store_true", help="use the tiny random-weight stand-in (noise: plumbing only)")
+    ap.add_argument("--world", action="store_true", help="use the micro-world even if a real checkpoint is found")
     ap.add_argument("--steps", type=int, help="fine-tune steps per lambda (workflow: 1000; tiny: %d)" % TINY_TRAIN_STEPS)
     ap.add_argument("--sample-steps", type=int, help="sampler steps (workflow: 30; tiny: %d)" % TINY_SAMPLE_STEPS)
     ap.add_argument("--resolution", type=int, help="training and sampling size in px (workflow: 512; tiny: %d)" % TINY_RES)
-    ap.add_argument("--workflow", type=Path, default=WORKFLOW)
+    ap.add_argument("--workflow", type=Path, help=f"default: {WORKFLOW.relative_to(REPO)} "
+                                                  f"(micro-world: {WORLD_WORKFLOW.relative_to(REPO)})")
     ap.add_argument("--server-dir", type=Path, default=OUT / "demo_server")
     ap.add_argument("--fresh", action="store_true", help="delete the demo server folder (and its cached runs) first")
     ap.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even with a real checkpoint and a GPU")
@@ -162,11 +188,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.monotonic()
 
-    ckpt = None if args.tiny else (args.ckpt or find_sd15())
-    tiny = ckpt is None
+    ckpt = None if (args.tiny or args.world) else (args.ckpt or find_sd15())
+    world = args.world or (ckpt is None and not args.tiny and world_is_trained())
+    tiny = ckpt is None and not world
     if args.ckpt and not args.ckpt.is_file():
         say(f"error: --ckpt {args.ckpt} is not a file")
         return 2
+    args.workflow = args.workflow or (WORLD_WORKFLOW if world else WORKFLOW)
+    if world:
+        ckpt = ensure_world()
+        say("NOTE: using the MICRO-WORLD (docs/microworld.md; --ckpt PATH takes an SD1.5 checkpoint): a small checkpoint in")
+        say("      SD1.5's layout pretrained on 64 px pictures of coloured shapes; the subject is 'sks square'.")
+        say("      Not SD1.5: real fine-tuning, sampling and metrics at a scale a CPU runs in minutes.")
     if tiny:
         ckpt = ensure_tiny()
         say("NOTE: no SD1.5 checkpoint found (give one with --ckpt PATH or put e.g. v1-5-pruned-emaonly.safetensors")
@@ -182,13 +215,16 @@ def main(argv=None) -> int:
     use_gpu = not (tiny or args.cpu) and _cuda_available()
     server = ComfyServer(server_dir, cpu=not use_gpu)
     ckpt_name = link_into(server.checkpoints_dir, ckpt)
-    tiny_eval = eval_models(server_dir / "models" / "eval")
+    tiny_eval = [] if world else eval_models(server_dir / "models" / "eval")
+    if world:
+        link_into(server_dir / "models" / "eval", WORLD_EVAL)
     if tiny_eval:
         say(f"NOTE: no {' / '.join(tiny_eval)} in ComfyUI's models/eval: the metrics use tiny RANDOM stand-in "
             f"encoders (numbers meaningless).")
-    subject = server.input_dir / "dog"
+    photos = WORLD_PHOTOS if world else PHOTOS
+    subject = server.input_dir / photos.name
     subject.mkdir(parents=True, exist_ok=True)
-    for f in sorted(PHOTOS.glob("*.jpg")):
+    for f in sorted(photos.glob("*.jpg")) + sorted(photos.glob("*.png")):
         shutil.copy2(f, subject / f.name)
 
     say(f"starting ComfyUI in {server_dir.relative_to(REPO) if server_dir.is_relative_to(REPO) else server_dir} "
@@ -228,13 +264,13 @@ def main(argv=None) -> int:
         if steps or res or sample_steps:  # the grid's title must not claim the workflow's settings
             put("LipschitzLabeledGrid", title=(
                 f"{'tiny random-weight stand-in (noise), ' if tiny else ''}lambda sweep: "
-                f"{steps or 'workflow'} fine-tune steps, {res or 512} px, {sample_steps or 30} sampler steps"))
+                f"{steps or 'workflow'} fine-tune steps, {res or (64 if world else 512)} px, {sample_steps or (20 if world else 30)} sampler steps"))
         prompt = apply_overrides(prompt, rules)
         trains = [n for n in prompt.values() if n["class_type"] == "LipschitzPersonalize"]
         lambdas = ", ".join(f"{n['inputs']['lambda_reg']:g}" for n in trains)
         say(f"workflow {args.workflow.name}: {len(prompt)} nodes, {len(trains)} fine-tune(s) (lambda {lambdas}), "
             f"{trains[0]['inputs']['steps'] if trains else 0} steps each")
-        if not tiny and not use_gpu:
+        if not (tiny or world) and not use_gpu:
             say("note: ComfyUI runs on the CPU here; a real SD1.5 fine-tune at 512 px is slow on a CPU "
                 "(use --steps/--resolution for a shorter run).")
 
@@ -247,7 +283,8 @@ def main(argv=None) -> int:
 
         OUT.mkdir(exist_ok=True)
         written = []
-        names = {"LipschitzLabeledGrid": f"{args.workflow.stem}_grid.png", "LipschitzTrainingReport": "training_report.png",
+        names = {"LipschitzLabeledGrid": f"{args.workflow.stem}_grid.png",
+                 "LipschitzTrainingReport": f"{'microworld_' if world else ''}training_report.png",
                  "LipschitzMetricsTable": f"{args.workflow.stem}_metrics.png"}
         for nid, node in prompt.items():
             src = node["inputs"].get("images")

@@ -32,6 +32,8 @@ FULLSIZE = REPO_ROOT / "docs" / "bench_fullsize.json"
 OPS = REPO_ROOT / "docs" / "bench_ops.json"
 TOY = REPO_ROOT / "docs" / "toy.json"
 LORA = REPO_ROOT / "docs" / "lora.json"
+MICROWORLD_ACCURACY = REPO_ROOT / "docs" / "microworld_accuracy.json"  # tools/microworld/prompt_accuracy.py
+MICROWORLD_SWEEP = REPO_ROOT / "docs" / "microworld_sweep.json"  # tools/microworld/sweep.py
 GPU = REPO_ROOT / "docs" / "gpu"
 # The GPU runs (tools/bench_gpu.py output, one JSON line per figure) and the modes each one
 # measured as the code defines them today: the first run measured 12gb/8gb with bf16 compute,
@@ -40,7 +42,7 @@ GPU_RUNS = [("bench_gpu_modes_bf16.jsonl", {"faithful": "faithful", "lean": "lea
                                             "12gb": "12gb with bf16 compute (superseded)",
                                             "8gb": "8gb with bf16 compute (superseded)"}),
             ("bench_gpu_modes_final.jsonl", {"12gb": "12gb", "8gb": "8gb"})]
-DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md", "lora.md"))]
+DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md", "lora.md", "microworld.md"))]
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
                    re.S)
 
@@ -313,12 +315,46 @@ def lora_fullsize() -> str:
             + f"\n\nMeasured by {_lora_run(f)}.\n")
 
 
+def microworld_accuracy() -> str:
+    """The micro-world base model's prompt accuracy, per concept, with the sampler settings."""
+    r = json.loads(MICROWORLD_ACCURACY.read_text())
+    s = r["sampler"]
+    lines = [f"Measured {r['date']} with `{r['command']}` (U-Net: {r['unet']}): "
+             f"{s['sampler_name']}/{s['scheduler']}, {s['steps']} steps, cfg {s['cfg']:g}, seeds "
+             f"{', '.join(map(str, r['seeds']))}, empty negative prompt, 64x64. The classifier names "
+             f"{r['classifier_accuracy_on_true_renders']:.0%} of fresh true renders correctly.",
+             "", "| concept | named correctly |", "|---|---|"]
+    lines += [f"| {name} | {v:.0%} |" for name, v in r["per_concept"].items()]
+    lines.append(f"| **all ({r['samples']} samples)** | **{r['prompt_accuracy']:.0%}** |")
+    return "\n".join(lines) + "\n"
+
+
+def microworld_sweep() -> str:
+    """The lambda sweep in the micro-world (median and worst seed per model)."""
+    r = json.loads(MICROWORLD_SWEEP.read_text())
+    sch = r["schedule"]
+    cols = (("clip_i", "subject fidelity (CLIP-I)"), ("clip_t", "prompt fidelity (CLIP-T)"),
+            ("accuracy", "concepts drawn as asked"), ("drift", "drift (1 - paired cosine)"))
+    lines = ["| model | " + " | ".join(f"{title}: median (worst)" for _, title in cols) + " |",
+             "| --- |" + " --- |" * len(cols)]
+    for name, summary in r["summary"].items():
+        cells = [f"{summary[m]['median']:.3f} ({summary[m]['worst']:.3f})" if m in summary else "-" for m, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nMeasured {r['date']} with `{r['command']}` ({r['machine']}, {r['seconds']} s): "
+            f"seeds {', '.join(map(str, r['seeds']))} (each trains and samples with its seed), {sch['steps']} steps at "
+            f"lr {sch['learning_rate']:g}, {sch['resolution']} px, {sch['batch']} pictures per prompt and seed, "
+            f"{sch['sampler']['sampler_name']} {sch['sampler']['steps']} steps cfg {sch['sampler']['cfg']:g}; "
+            f"concept prompts: {', '.join(repr(p) for p in sch['concept_prompts'])}; worst = lowest fidelity or "
+            f"accuracy, highest drift.\n")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "lora-table": lora_table, "lora-fullsize": lora_fullsize,
     "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-ops": perf_ops, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
     "vram-modes": vram_modes,
     "toy-table": _toy("markdown_table"),
-    "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table")}
+    "toy-per-seed": _toy("markdown_per_seed_table"), "toy-comparison": _toy("markdown_comparison_table"),
+    "microworld-accuracy": microworld_accuracy, "microworld-sweep": microworld_sweep}
 
 
 def render(text: str) -> str:
