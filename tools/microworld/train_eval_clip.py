@@ -28,8 +28,10 @@ from setup_comfyui import comfyui_root
 
 from microworld import world
 
-sys.path.insert(0, str(HERE.parent.parent))
-from trainer.evaluation.encoders import CLIP_MEAN, CLIP_STD
+from pack_import import add_to_sys_path  # noqa: E402
+
+add_to_sys_path()
+from lipschitz_personalize.trainer.evaluation.encoders import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 
 def new_model() -> CLIPModel:
