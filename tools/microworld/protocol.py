@@ -16,6 +16,7 @@ Every embedding comes from the micro-world's evaluation CLIP (``microworld-clip`
 """
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import statistics
@@ -205,25 +206,20 @@ def median(per_seed: list[Scores], what: str) -> float:
     return statistics.median(getattr(s, what) for s in per_seed)
 
 
-_JUDGE = None
-
-
+@functools.cache
 def _judge():
-    global _JUDGE
-    if _JUDGE is None:
-        from tools.microworld import classifier
-        _JUDGE = classifier.train()
-    return _JUDGE
+    """The classifier, trained once per process (seconds)."""
+    from tools.microworld import classifier
+    return classifier.train()
 
 
 def _accuracy(judge, output_dir: Path, prefix: str, batch: int, concepts: tuple[str, ...]) -> float:
-    import numpy as np
-    import torch
     from PIL import Image
 
+    from lipschitz_personalize.trainer.render.images import to_tensor
     from tools.microworld import classifier, world
     files = sorted((output_dir / "microworld").glob(f"{prefix}_*.png"))[-batch * len(concepts):]
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 for f in files]))
+    images = to_tensor([Image.open(f).convert("RGB") for f in files])
     named = [world.CONCEPTS[int(k)] for k in classifier.predict(judge, images)]
     wanted = [tuple(c.removeprefix("a photo of a ").split()) for c in concepts for _ in range(batch)]
     # "a square" asks for the shape only; "a red square" for both
