@@ -214,9 +214,9 @@ def _judge():
 
 
 def _accuracy(judge, output_dir: Path, prefix: str, batch: int, concepts: tuple[str, ...]) -> float:
+    from lipschitz_personalize.trainer.render.images import to_tensor
     from PIL import Image
 
-    from lipschitz_personalize.trainer.render.images import to_tensor
     from tools.microworld import classifier, world
     files = sorted((output_dir / "microworld").glob(f"{prefix}_*.png"))[-batch * len(concepts):]
     images = to_tensor([Image.open(f).convert("RGB") for f in files])
