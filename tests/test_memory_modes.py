@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipschitz_personalize.trainer.compact_adam import BLOCK, FP8, CompactAdam, stochastic_round
 from lipschitz_personalize.trainer.config import ConfigError, TrainConfig
-from lipschitz_personalize.trainer.delta import ParameterDelta
+from lipschitz_personalize.trainer.delta import ParameterDelta, buckets
 from lipschitz_personalize.trainer.loop import CachedExamples, RegularizedTrainer
 from lipschitz_personalize.trainer.memory import CHOICES, GB, MODES, ORDER, choose, configure, estimate, preflight
 
@@ -41,6 +41,15 @@ def _flat(delta: ParameterDelta) -> torch.Tensor:
     return torch.cat([t.detach().float().reshape(-1) for t in delta.tensors()])
 
 
+def _flat_params(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``values`` as the views of one delta's flat buffer, as CompactAdam updates them."""
+    tensors = ParameterDelta(nn.ParameterList([nn.Parameter(v) for v in values])).tensors()
+    with torch.no_grad():
+        for t, v in zip(tensors, values):
+            t.copy_(v)
+    return tensors
+
+
 @pytest.fixture(params=["whole", "chunked"])
 def chunking(request, monkeypatch):
     """The update in one slice per tensor, or in slices of 512 values (SD1.5's big tensors are
@@ -53,7 +62,7 @@ def chunking(request, monkeypatch):
 def test_compact_adam_with_fp32_state_is_torch_adam_bitwise(chunking):
     torch.manual_seed(3)
     ps = [torch.randn(300, 7), torch.randn(11), torch.randn(5, 5)]
-    qs = [p.clone() for p in ps]
+    qs = _flat_params(ps)
     ref = torch.optim.Adam([{"params": ps[:2], "weight_decay": 0.3}, {"params": ps[2:]}], lr=1e-3, foreach=False)
     ours = CompactAdam([{"params": qs[:2], "weight_decay": 0.3}, {"params": qs[2:]}], lr=1e-3, moments="fp32")
     for _ in range(25):
@@ -369,3 +378,38 @@ def test_saving_a_compact_run_decodes_one_tensor_at_a_time(mode):
     assert total > 10 * decoded
     assert all(v.device.type == "cpu" for s in state["state"].values() for v in s.values())
     assert device.peak <= 3 * decoded, (device.peak, total)
+
+
+def test_a_step_in_backward_run_holds_no_more_gradient_than_the_estimate_on_sd15(comfy_in_process):
+    """On SD1.5's full U-Net (on the meta device: shapes only), the gradients waiting for their
+    bucket to complete never exceed the estimate's gradient term: the delta is laid out in the
+    order backward completes it, so a bucket steps soon after its first gradient arrives."""
+    import bench_models
+
+    from lipschitz_personalize.trainer.optim import BUCKET
+
+    unet = bench_models.make_unet(tiny=False, device="meta", init=False)
+    delta = ParameterDelta(unet)
+    runs = buckets(delta.tensors(), BUCKET)
+    bucket_of = {id(p): i for i, run in enumerate(runs) for p in run}
+    waiting, held = [len(run) for run in runs], [0] * len(runs)
+    peak = 0
+
+    def arrived(t: torch.Tensor) -> None:
+        nonlocal peak
+        i = bucket_of[id(t)]
+        waiting[i] -= 1
+        held[i] += t.numel()
+        peak = max(peak, sum(held))
+        if waiting[i] == 0:  # the bucket steps and its gradients are freed
+            held[i] = 0
+
+    for t in delta.tensors():
+        t.register_post_accumulate_grad_hook(arrived)
+    x, c = torch.zeros(1, 4, 8, 8, device="meta"), torch.zeros(1, 77, 768, device="meta")
+    with delta.applied(bench_models.checkpoint_units(unet)):
+        bench_models.eps_fn(unet)(x, torch.tensor([500], device="meta"), c).float().square().mean().backward()
+    assert all(w == 0 for w in waiting)
+    largest = max(t.numel() for t in delta.tensors())
+    held_bytes = peak * 4
+    assert held_bytes <= estimate("lean", delta.numel(), largest, 4, 512).parts["gradients"], (peak, BUCKET, largest)

@@ -420,14 +420,19 @@ def test_compact_moments_round_trip_close_and_never_zero_the_second_moment():
     g = torch.Generator().manual_seed(3)
     m = torch.randn(37, 300, generator=g) * torch.logspace(-9, -5, 300)  # decades apart within a block
     v = (torch.randn(37, 300, generator=g) * torch.logspace(-8, -4, 300)) ** 2
-    # (a harsh case: four decades inside every block of 256; the error is the large values' rounding)
-    for key, t, tol in (("exp_avg", m, 3e-2), ("exp_avg_sq", v, 3e-2)):
-        codes, scale = persist.quantize_moment(t, key)
+    # A harsh case: four decades inside every block of 256.  fp8 keeps each value to a few
+    # percent (3 mantissa bits), small ones too: the int8 absmax format this replaced zeroed most
+    # of them (median error 100% for m, 41% for v) while its norm error was lower (1.3%, 0.3%).
+    for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
+        codes, scale = persist.compact_moment(t, key)
         assert codes.element_size() == 1 and scale.numel() == -(-t.numel() // persist.BLOCK)
-        back = persist.dequantize_moment(codes, scale, key, tuple(t.shape))
-        assert back.shape == t.shape and ((back - t).norm() / t.norm()) < tol, key
+        back = persist.expand_moment(codes, scale, key, tuple(t.shape))
+        assert back.shape == t.shape and ((back - t).norm() / t.norm()) < 0.05, key
+        assert ((back - t).abs() / t.abs()).median() < 0.05, key
     # Adam divides by sqrt(v): a tiny v next to a large one must not come back as 0.
-    back_v = persist.dequantize_moment(*persist.quantize_moment(v, "exp_avg_sq"), "exp_avg_sq", tuple(v.shape))
+    tiny = v.clone()
+    tiny[:, :10] *= 1e-12
+    back_v = persist.expand_moment(*persist.compact_moment(tiny, "exp_avg_sq"), "exp_avg_sq", tuple(v.shape))
     assert (back_v > 0).all()
 
 
@@ -440,7 +445,7 @@ def test_compact_trainer_state_is_a_quarter_of_the_moments_and_resumes(tmp_path)
         opt.step()
     state = {"delta": {}, "optimizer": opt.state_dict(), "generator": torch.Generator().get_state(), "step": 3}
     full, _ = persist.flatten_trainer_state(state, names, "fp32")
-    compact, meta = persist.flatten_trainer_state(state, names, "int8")
+    compact, meta = persist.flatten_trainer_state(state, names, "fp8")
     size = lambda ts: sum(t.numel() * t.element_size() for k, t in ts.items() if k.startswith("adam."))  # noqa: E731
     assert size(compact) < 0.27 * size(full)
     back = persist.unflatten_trainer_state(
@@ -449,6 +454,16 @@ def test_compact_trainer_state_is_a_quarter_of_the_moments_and_resumes(tmp_path)
         for k in ("exp_avg", "exp_avg_sq"):
             ref = state["optimizer"]["state"][i][k]
             assert back["optimizer"]["state"][i][k].dtype == torch.float32
-            assert ((back["optimizer"]["state"][i][k] - ref).norm() / ref.norm()) < 1e-2
+            # e4m3 keeps 3 mantissa bits: to nearest, each value within 1/16 (about 2.5% in norm),
+            # and exp_avg_sq is stored as its square root (twice that).
+            assert ((back["optimizer"]["state"][i][k] - ref).norm() / ref.norm()) < {"exp_avg": 0.04}.get(k, 0.07)
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
     fresh.load_state_dict(back["optimizer"])  # a plain Adam takes it as its own
+
+
+def test_moments_in_a_format_this_version_does_not_read_are_refused_by_name():
+    state = {"delta": {}, "optimizer": {"state": {}, "param_groups": []}, "generator": torch.Generator().get_state(),
+             "step": 3}
+    tensors, meta = persist.flatten_trainer_state(state, [], "fp32")
+    with pytest.raises(ValueError, match="'int8' by an earlier version"):
+        persist.unflatten_trainer_state(tensors, {**meta, "moments": "int8"}, [])

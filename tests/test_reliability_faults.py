@@ -72,7 +72,7 @@ def _check_resume_state(path, steps_done: int) -> None:
         stored = [k for k in tensors if k.startswith(f"adam.{moment}.") and not k.endswith(".scale")]
         assert len(stored) == len(deltas), moment
         if moment != "step":  # the default fp16 delta keeps its moments in 8 bits, block-scaled
-            assert all(tensors[k].dtype in (torch.int8, torch.uint8) and k + ".scale" in tensors for k in stored)
+            assert all(tensors[k].dtype == torch.float8_e4m3fn and k + ".scale" in tensors for k in stored)
     assert "generator" in tensors and int(meta["step"]) == steps_done
     assert all(torch.isfinite(tensors[k]).all() for k in deltas)
 

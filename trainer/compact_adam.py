@@ -1,9 +1,14 @@
-"""Adam with compact state: the memory modes' optimizer (``12gb``, ``8gb``; :mod:`trainer.memory`).
+"""Adam with compact state over one flat buffer: the memory modes' optimizer (``12gb``, ``8gb``;
+:mod:`trainer.memory`).
 
-Adam's update is computed in fp32 one tensor at a time (with ``step_in_backward`` each tensor as
-its gradient completes) and within a tensor :data:`CHUNK` values at a time, so the fp32
-temporaries are a few copies of one chunk (16 MB each), not of SD1.5's largest tensor (118 MB
-each, about a dozen of them); what stays resident between steps is stored compactly:
+The parameters are the views :class:`~trainer.delta.ParameterDelta` makes of its one flat
+buffer, and the moments are flat buffers of the same layout, so the update runs over large
+contiguous ranges with a fixed number of ops per range instead of a Python loop per tensor:
+each bucket of tensors (:func:`trainer.delta.buckets`, the ranges a ``step_in_backward``
+update steps as their gradients complete) is gathered into one scratch buffer with a single
+multi-tensor copy, then updated :data:`CHUNK` values at a time.  Chunking bounds the fp32
+temporaries (about seven copies of one chunk, 32 MB each) and the chunk count sets the op
+count of a step.  What stays resident between steps is stored by :class:`Codec`:
 
 * ``moments="bf16"``: ``exp_avg`` and ``exp_avg_sq`` in bfloat16 (half of fp32);
 * ``moments="fp8"``: both in float8 e4m3 with one fp32 scale per block of :data:`BLOCK` values
@@ -14,8 +19,8 @@ each, about a dozen of them); what stays resident between steps is stored compac
 Every write to a compact format uses **stochastic rounding** (unbiased: ``E[round(x)] = x``).
 Round-to-nearest would lose Adam's small per-step changes outright: ``0.999 * v`` rounds back
 to ``v`` in bf16, and a 2e-6 step rounds away on a bf16 delta of 1e-3.  The random bits come
-from a generator re-seeded from ``(seed, step)`` at every step, so a run (and a resumed one) is
-reproducible.
+from a generator re-seeded from ``(seed, step, chunk)`` for every chunk, so a run (and a
+resumed one) is reproducible.
 
 With ``moments="fp32"`` and an fp32 parameter the arithmetic is torch's single-tensor Adam,
 operation for operation (``tests/test_memory_modes.py`` checks it bitwise), so any difference
@@ -25,25 +30,29 @@ make ``m / (sqrt(v) + eps)`` explode, so in that format the ratio is clipped to
 :data:`RATIO_LIMIT`, which exact Adam with the default betas never reaches (its bound is about
 7.3 for beta1 = 0.9, beta2 = 0.999).
 
-:meth:`CompactAdam.state_dict` gives the moments decoded to fp32 in torch Adam's layout, so
-resume files are the same whatever the mode.
+:meth:`CompactAdam.state_dict` gives the moments decoded to fp32 in torch Adam's layout, one
+tensor at a time, so resume files are the same whatever the mode.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 import torch
 from torch import Tensor
 
+from .delta import ALIGN, buckets
+
 Moments = Literal["fp32", "bf16", "fp8"]
 MOMENTS: tuple[str, ...] = ("fp32", "bf16", "fp8")
 BLOCK = 256
-CHUNK = 1 << 22
+CHUNK = 1 << 23
 """Values per slice of the update (a multiple of :data:`BLOCK`)."""
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 RATIO_LIMIT = 8.0
+assert ALIGN % BLOCK == 0 and CHUNK % ALIGN == 0
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
@@ -55,77 +64,171 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) 
     normal range (2^-6) are rounded to nearest instead.
     """
     drop = {torch.bfloat16: 16, FP8: 20}[dtype]
-    bits = x.detach().float().contiguous().view(torch.int32)
+    bits = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()).view(torch.int32)
     noise = torch.randint(0, 1 << drop, bits.shape, device=bits.device, dtype=torch.int32, generator=generator)
-    rounded = ((bits + noise) & ~((1 << drop) - 1)).view(torch.float32)
+    rounded = noise.add_(bits).bitwise_and_(~((1 << drop) - 1)).view(torch.float32)
     if dtype == FP8:
         rounded = rounded.clamp_(-FP8_MAX, FP8_MAX)
     return rounded.to(dtype)
 
 
-class _Codec:
-    """How one moment is stored between steps, flat: ``decode`` gives values ``[start, end)`` in
-    fp32, ``encode`` stores them."""
+class Codec:
+    """How a flat fp32 vector is stored: ``fp32``, ``bf16``, or ``fp8`` (e4m3, one fp32 scale
+    per :data:`BLOCK` values, scaled so each block's largest magnitude is 448).
+
+    A stored vector is a dict of tensors (``value``; for fp8 ``value`` is ``[blocks, BLOCK]`` and
+    ``scale`` ``[blocks, 1]``); a slice of it from block to block is a stored vector too
+    (:meth:`part`).  Writes round
+    stochastically with a generator (Adam's moments between steps) or to nearest without one
+    (a resume file, read back once).  ``root``: the vector is stored as its square root and
+    squared on the way out (``exp_avg_sq``).  The one 8-bit format of the pack: the memory
+    modes' moments and :mod:`trainer.persist`'s compact resume files.
+    """
 
     def __init__(self, moments: str) -> None:
         if moments not in MOMENTS:
             raise ValueError(f"unknown moment format {moments!r}; use one of {', '.join(MOMENTS)}")
         self.moments = moments
 
-    def zeros(self, like: Tensor) -> dict[str, Tensor]:
-        if self.moments in ("fp32", "bf16"):
+    def zeros(self, n: int, device: torch.device | str) -> dict[str, Tensor]:
+        """A stored vector of ``n`` zeros (fp8: ``n`` rounded up to whole blocks)."""
+        if self.moments != "fp8":
             dtype = torch.float32 if self.moments == "fp32" else torch.bfloat16
-            return {"value": torch.zeros(like.numel(), dtype=dtype, device=like.device)}
-        blocks = -(-like.numel() // BLOCK)
-        return {"value": torch.zeros(blocks * BLOCK, dtype=FP8, device=like.device),
-                "scale": torch.zeros(blocks, 1, dtype=torch.float32, device=like.device)}
+            return {"value": torch.zeros(n, dtype=dtype, device=device)}
+        blocks = -(-n // BLOCK)
+        return {"value": torch.zeros(blocks, BLOCK, dtype=FP8, device=device),
+                "scale": torch.zeros(blocks, 1, dtype=torch.float32, device=device)}
 
-    def decode(self, stored: dict[str, Tensor], start: int, end: int, root: bool) -> Tensor:
-        """The fp32 values (for ``fp32`` the stored slice itself, updated in place)."""
+    def part(self, stored: dict[str, Tensor], start: int, end: int) -> dict[str, Tensor]:
+        """Values ``[start, end)`` of ``stored`` as a stored vector of views (fp8: ``start`` on a
+        block boundary; ``end`` is rounded up to one)."""
+        if self.moments != "fp8":
+            return {"value": stored["value"][start:end]}
+        first, last = start // BLOCK, -(-end // BLOCK)
+        return {"value": stored["value"][first:last], "scale": stored["scale"][first:last]}
+
+    def decode(self, stored: dict[str, Tensor], root: bool = False, nonzero: bool = False) -> Tensor:
+        """The fp32 values (for ``fp32`` the stored tensor itself, to be updated in place);
+        ``nonzero`` (fp8): a stored 0 comes back as half the smallest step of its block."""
         value = stored["value"]
         if self.moments == "fp32":
-            return value[start:end]
+            return value
         if self.moments == "bf16":
-            return value[start:end].float()
-        first, last = start // BLOCK, -(-end // BLOCK)
-        x = (value[first * BLOCK: last * BLOCK].view(-1, BLOCK).float() * stored["scale"][first:last]).view(-1)
-        x = x[: end - start]
+            return value.float()
+        x = value.float()
+        if nonzero:
+            x = torch.where(x > 0, x, 2.0**-10)  # e4m3's smallest positive value is 2^-9
+        x = x.mul_(stored["scale"]).view(-1)
         return x.square_() if root else x
 
-    def encode(self, stored: dict[str, Tensor], start: int, end: int, x: Tensor, root: bool,
-               generator: torch.Generator) -> None:
+    def encode(self, stored: dict[str, Tensor], x: Tensor, root: bool = False,
+               generator: torch.Generator | None = None) -> None:
+        """Store fp32 ``x`` (as many values as ``stored`` holds; consumed: it may be scaled in place)."""
         value = stored["value"]
         if self.moments == "fp32":
-            if x.data_ptr() != value[start:end].data_ptr():  # after decode the update happened in place
-                value[start:end].copy_(x)
+            if x.data_ptr() != value.data_ptr():  # after decode the update happened in place
+                value.copy_(x)
             return
         if self.moments == "bf16":
-            value[start:end].copy_(stochastic_round(x, torch.bfloat16, generator))
+            value.copy_(x.to(torch.bfloat16) if generator is None else stochastic_round(x, torch.bfloat16, generator))
             return
-        first, last = start // BLOCK, -(-end // BLOCK)
-        flat = x.sqrt() if root else x
-        padded = torch.nn.functional.pad(flat, (0, (last - first) * BLOCK - flat.numel())).view(-1, BLOCK)
-        scale = padded.abs().amax(dim=1, keepdim=True).div_(FP8_MAX)
-        scaled = padded / torch.where(scale > 0, scale, torch.ones_like(scale))
-        value[first * BLOCK: last * BLOCK].copy_(stochastic_round(scaled, FP8, generator).view(-1))
-        stored["scale"][first:last].copy_(scale)
+        blocks = (x.sqrt_() if root else x).view(value.shape)
+        # The smallest normal fp32 for an all-zero block: its values stay 0 and decode to 0.
+        scale = torch.linalg.vector_norm(blocks, math.inf, dim=1, keepdim=True).div_(FP8_MAX).clamp_min_(2.0**-126)
+        value.copy_(blocks.div_(scale).to(FP8) if generator is None else stochastic_round(blocks.div_(scale), FP8, generator))
+        stored["scale"].copy_(scale)
+
+
+@dataclass
+class _Chunk:
+    """One slice of the update: views of the gathered gradients, the parameter and both
+    moments, its position (which seeds its rounding noise) and its per-value weight decay."""
+
+    index: int
+    grad: Tensor
+    param: Tensor
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    decay: tuple[Tensor, Tensor] | None
+    """``(coefficient per tensor, values per tensor)`` for ``repeat_interleave``; ``None``: no decay."""
+
+
+@dataclass
+class _Bucket:
+    params: list[Tensor]
+    into: list[Tensor]
+    """Each parameter's place in the scratch buffer (views shaped like it)."""
+    gathered: Tensor
+    chunks: list[_Chunk]
+    step: int = 0
 
 
 class CompactAdam(torch.optim.Optimizer):
     """``torch.optim.Adam`` (coupled ``weight_decay``, no amsgrad) with compact moments and
-    support for bf16 parameters, both written with stochastic rounding."""
+    support for bf16 parameters, both written with stochastic rounding.
+
+    The parameters must be the views of one :class:`~trainer.delta.ParameterDelta`'s flat
+    buffer; ``bucket`` is the size of the ranges it updates at once
+    (:data:`trainer.optim.BUCKET`), the same ranges a ``step_in_backward`` update hands it.
+    """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, moments: Moments = "bf16",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 seed: int = 0, positions: dict[int, int] | None = None) -> None:
+                 seed: int = 0, bucket: int = 1 << 25) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.codec = _Codec(moments)
+        self.codec = Codec(moments)
         self.seed = seed
-        # Each tensor's rounding noise depends on (seed, step, its position in the delta), so
-        # the same run gives the same values however the tensors are grouped or stepped.
+        self._group = {id(p): g for g in self.param_groups for p in g["params"]}  # lr, betas, eps: one for all
         own = [p for g in self.param_groups for p in g["params"]]
-        self.positions = positions or {id(p): i for i, p in enumerate(own)}
+        flat = own[0]._base
+        if flat is None or any(p._base is not flat or not p.is_contiguous() or p.storage_offset() % ALIGN for p in own):
+            raise ValueError("CompactAdam updates the views of one ParameterDelta's flat buffer")
+        self.flat = flat
+        self.stores = {key: self.codec.zeros(flat.numel(), flat.device) for key in ("exp_avg", "exp_avg_sq")}
+        for p in own:
+            self.state[p] = {key: self.codec.part(store, self._start(p), self._end(p))
+                             for key, store in self.stores.items()}
+        runs = buckets(own, bucket)
+        self._scratch = torch.zeros(max(self._end(r[-1]) - self._start(r[0]) for r in runs), dtype=flat.dtype,
+                                    device=flat.device)
+        self._buckets = [self._bucket(r) for r in runs]
+        self._of = {id(p): b for b in self._buckets for p in b.params}
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _start(self, p: Tensor) -> int:
+        return p.storage_offset() - self.flat.storage_offset()
+
+    def _end(self, p: Tensor) -> int:
+        """Where ``p``'s aligned range in the flat buffer ends."""
+        return self._start(p) + -(-p.numel() // ALIGN) * ALIGN
+
+    def _bucket(self, params: list[Tensor]) -> _Bucket:
+        """A bucket's views, made once: each parameter's place in the scratch buffer (shared by
+        all buckets), and its chunks of the scratch, the flat buffer and the moments."""
+        base = self._start(params[0])
+        size = self._end(params[-1]) - base
+        gathered = self._scratch[:size]
+        into = [gathered[self._start(p) - base:][:p.numel()].view(p.shape) for p in params]
+        spans = [(self._start(p) - base, self._end(p) - base, p) for p in params]
+        chunks = [_Chunk(index=(base + lo) // BLOCK, grad=gathered[lo:hi], param=self.flat[base + lo:base + hi],
+                         exp_avg=self.codec.part(self.stores["exp_avg"], base + lo, base + hi),
+                         exp_avg_sq=self.codec.part(self.stores["exp_avg_sq"], base + lo, base + hi),
+                         decay=self._decay(spans, lo, hi))
+                  for lo, hi in ((lo, min(lo + CHUNK, size)) for lo in range(0, size, CHUNK))]
+        return _Bucket(params=params, into=into, gathered=gathered, chunks=chunks)
+
+    def _decay(self, spans: list[tuple[int, int, Tensor]], start: int, end: int) -> tuple[Tensor, Tensor] | None:
+        """Each value's weight decay in ``[start, end)`` as run lengths (padding included)."""
+        coefs, counts = [], []
+        for lo, hi, p in spans:
+            lo, hi = max(lo, start), min(hi, end)
+            if lo < hi:
+                coefs.append(float(self._group[id(p)]["weight_decay"]))
+                counts.append(hi - lo)
+        if not any(coefs):
+            return None
+        device = self.flat.device
+        return torch.tensor(coefs, dtype=torch.float32, device=device), torch.tensor(counts, device=device)
 
     def _generator(self, device: torch.device, step: int, index: int) -> torch.Generator:
         g = self._generators.get(device)
@@ -136,44 +239,38 @@ class CompactAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # noqa: D102 - torch's signature
+        """Update every bucket whose gradients are present (all of a bucket's, or none)."""
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group, self.positions[id(p)])
+        for bucket in self._buckets:
+            have = [p.grad is not None for p in bucket.params]
+            if not any(have):
+                continue
+            if not all(have):
+                raise RuntimeError("CompactAdam steps whole buckets: some gradients of a bucket are missing")
+            self._update(bucket)
 
-    def _update(self, p: Tensor, group: dict[str, Any], index: int) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = self.codec.zeros(p)
-            state["exp_avg_sq"] = self.codec.zeros(p)
-        state["step"] += 1
-        step = int(state["step"].item())
-        gen = self._generator(p.device, step, index)
+    def _update(self, bucket: _Bucket) -> None:
+        bucket.gathered.zero_()  # the padding between tensors takes no update
+        torch._foreach_copy_(bucket.into, [p.grad for p in bucket.params])
+        bucket.step += 1
+        group = self.param_groups[0]
+        for chunk in bucket.chunks:
+            self._update_chunk(chunk, bucket.step, group)
 
-        # Flat views of the parameter and gradient, sliced into chunks (a copy, written back,
-        # for a layout that cannot be viewed flat).
-        flat_p = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-        flat_g = p.grad.reshape(-1)
-        for start in range(0, p.numel(), CHUNK):
-            end = min(start + CHUNK, p.numel())
-            self._update_chunk(flat_p[start:end], flat_g[start:end], state, start, end, step, group, gen)
-        if flat_p.data_ptr() != p.data_ptr():
-            p.copy_(flat_p.view(p.shape))
-
-    def _update_chunk(self, p: Tensor, grad: Tensor, state: dict[str, Any], start: int, end: int, step: int,
-                      group: dict[str, Any], gen: torch.Generator) -> None:
+    def _update_chunk(self, chunk: _Chunk, step: int, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, eps = group["lr"], group["eps"]
+        gen = self._generator(chunk.param.device, step, chunk.index)
+        p = chunk.param
         x = p if p.dtype == torch.float32 else p.float()
-        grad = grad if grad.dtype == torch.float32 else grad.float()
-        if wd != 0:
-            grad = grad.add(x, alpha=wd)
-        exp_avg = self.codec.decode(state["exp_avg"], start, end, root=False)
-        exp_avg_sq = self.codec.decode(state["exp_avg_sq"], start, end, root=True)
+        grad = chunk.grad if chunk.grad.dtype == torch.float32 else chunk.grad.float()
+        if chunk.decay is not None:
+            coef, counts = chunk.decay
+            grad.addcmul_(x, coef.repeat_interleave(counts, output_size=x.numel()))
+        exp_avg = self.codec.decode(chunk.exp_avg)
+        exp_avg_sq = self.codec.decode(chunk.exp_avg_sq, root=True)
         # torch.optim.adam._single_tensor_adam's arithmetic, in the same order.
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -182,13 +279,14 @@ class CompactAdam(torch.optim.Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         step_size = lr / bias_correction1
         if self.codec.moments == "fp8":
-            x.add_((exp_avg / denom).clamp_(-RATIO_LIMIT, RATIO_LIMIT), alpha=-step_size)
+            x.add_(torch.div(exp_avg, denom, out=denom).clamp_(-RATIO_LIMIT, RATIO_LIMIT), alpha=-step_size)
         else:
             x.addcdiv_(exp_avg, denom, value=-step_size)
+        del denom
         if x is not p:
             p.copy_(stochastic_round(x, p.dtype, gen))
-        self.codec.encode(state["exp_avg"], start, end, exp_avg, root=False, generator=gen)
-        self.codec.encode(state["exp_avg_sq"], start, end, exp_avg_sq, root=True, generator=gen)
+        self.codec.encode(chunk.exp_avg, exp_avg, generator=gen)
+        self.codec.encode(chunk.exp_avg_sq, exp_avg_sq, root=True, generator=gen)
 
     # -- resume: torch Adam's layout, moments decoded to fp32 --------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -197,26 +295,28 @@ class CompactAdam(torch.optim.Optimizer):
         device, not all of them (6.9 GB for SD1.5)."""
         own = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
-        for i, s in own["state"].items():
-            p = params[i]
-            entry = {"step": s["step"].clone()}
+        state = {}
+        for i, p in enumerate(params):
+            step = self._of[id(p)].step
+            if step == 0:
+                continue
+            entry = {"step": torch.tensor(float(step))}
             for key, root in (("exp_avg", False), ("exp_avg_sq", True)):
-                entry[key] = self.codec.decode(s[key], 0, p.numel(), root=root).to("cpu", copy=True).view(p.shape)
-            own["state"][i] = entry
+                entry[key] = self.codec.decode(self.state[p][key], root=root)[:p.numel()].to(
+                    "cpu", copy=True).view(p.shape)
+            state[i] = entry
+        own["state"] = state
         return own
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
-        moments = {int(i): s for i, s in state_dict["state"].items()}
-        super().load_state_dict({**state_dict, "state": {}})
-        for i, s in moments.items():
-            p = params[i]
+        for i, s in state_dict["state"].items():
+            p = params[int(i)]
             step = int(torch.as_tensor(s["step"]).item())
-            gen = self._generator(p.device, step, self.positions[id(p)])
-            entry = {"step": torch.tensor(float(step))}
+            self._of[id(p)].step = step
+            gen = self._generator(p.device, step, int(i))
             for key, root in (("exp_avg", False), ("exp_avg_sq", True)):
-                stored = self.codec.zeros(p)
-                self.codec.encode(stored, 0, p.numel(), s[key].to(p.device, torch.float32).reshape(-1), root=root,
-                                  generator=gen)
-                entry[key] = stored
-            self.state[p] = entry
+                stored = self.state[p][key]
+                x = torch.zeros(stored["value"].numel(), dtype=torch.float32, device=p.device)
+                x[:p.numel()] = s[key].to(p.device, torch.float32).reshape(-1)
+                self.codec.encode(stored, x, root=root, generator=gen)

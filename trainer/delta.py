@@ -42,11 +42,14 @@ class ParameterDelta:
             if set(anchor) != set(self.base) or any(anchor[n].shape != b.shape for n, b in self.base.items()):
                 raise ValueError("the anchor's tensors must match the trained parameters' names and shapes")
             self.base = {name: anchor[name] for name in self.base}
-        # zeros_like keeps the base's memory format (channels_last stays channels_last, so
-        # ``base + delta`` does not silently convert); for contiguous bases it is torch.zeros.
+        devices = {b.device for b in self.base.values()}
+        if device is None and len(devices) > 1:
+            raise ValueError(f"the trained parameters are on several devices ({sorted(map(str, devices))}): "
+                             "load the model on one device")
+        self.flat, self.offsets = _flat_storage(self.base, dtype, device or devices.pop())
         self.delta: dict[str, Tensor] = {
-            name: torch.zeros_like(p, dtype=dtype, device=device or p.device).requires_grad_(True)
-            for name, p in self.base.items()
+            name: self.flat[self.offsets[name]:self.offsets[name] + b.numel()].view(b.shape).requires_grad_(True)
+            for name, b in self.base.items()
         }
         self._deferred: list[BaseException] | None = None
 
@@ -71,6 +74,10 @@ class ParameterDelta:
 
     def numel(self) -> int:
         return sum(d.numel() for d in self.delta.values())
+
+    def flat_order(self) -> list[Tensor]:
+        """The delta tensors in the order of :attr:`flat` (each is a view of it)."""
+        return sorted(self.delta.values(), key=lambda d: d.storage_offset())
 
     # -- persistence ----------------------------------------------------------------------
     @torch.no_grad()
@@ -113,9 +120,12 @@ class ParameterDelta:
             owner, _, attr = name.rpartition(".")
             slots[modules[owner]].append((attr, modules[owner]._parameters[attr], bases[name], self.delta[name]))
 
+        operands = {m: [base for _, _, base, _ in entries] + [delta for _, _, _, delta in entries]
+                    for m, entries in slots.items()}
+
         def swap_in(mod: nn.Module, _args: object) -> None:
-            for attr, _own, base, delta in slots[mod]:
-                mod._parameters[attr] = base + delta
+            for (attr, _own, _base, _delta), total in zip(slots[mod], _LayerSum.apply(*operands[mod])):
+                mod._parameters[attr] = total
 
         def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
             for attr, own, _, _ in slots[mod]:
@@ -178,10 +188,67 @@ class ParameterDelta:
         return run
 
 
+class _LayerSum(torch.autograd.Function):
+    """``theta0 + delta`` for all of one layer's tensors (``*bases, *deltas``) in one multi-tensor
+    add: one kernel launch for a layer's weight and bias where their dtypes match.
+
+    Its backward hands each delta the sum's gradient (autograd casts it to a bf16 delta's dtype)
+    and saves no tensor: the deltas are views of one flat buffer and so share one version
+    counter, so a saved delta would fail backward once an update stepped during backward
+    (``step_in_backward``) has written any other delta.
+    """
+
+    @staticmethod
+    def forward(ctx: object, *tensors: Tensor) -> tuple[Tensor, ...]:
+        half = len(tensors) // 2
+        return tuple(torch._foreach_add(list(tensors[:half]), list(tensors[half:])))
+
+    @staticmethod
+    def backward(ctx: object, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        return (None,) * len(grads) + grads
+
+
 # The exceptions torch's non-reentrant checkpoint raises through the recomputed forward itself
 # (to stop a recompute once it has what backward needs, or on a mismatch).
 _CHECKPOINT_CONTROL = tuple(getattr(torch.utils.checkpoint, name) for name in ("_StopRecomputationError", "CheckpointError")
                             if hasattr(torch.utils.checkpoint, name))
+
+
+ALIGN = 256
+"""Each tensor's delta starts at a multiple of this many values in :attr:`ParameterDelta.flat`,
+so state kept in blocks of it (:mod:`trainer.compact_adam`'s fp8 moments) never straddles two
+tensors."""
+
+
+def _flat_storage(base: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device | str
+                  ) -> tuple[Tensor, dict[str, int]]:
+    """One zeroed buffer for all deltas and each tensor's offset in it.
+
+    The tensors are laid out in reverse parameter order, the order in which backward completes
+    their gradients (output layers first), so an update stepped during backward
+    (:class:`trainer.optim.StepInBackwardUpdate`) finds each bucket of complete gradients in
+    one contiguous range and can update it with a few large ops instead of one per tensor.
+    """
+    offsets, end = {}, 0
+    for name in reversed(list(base)):
+        offsets[name] = end
+        end += -(-base[name].numel() // ALIGN) * ALIGN
+    return torch.zeros(end, dtype=dtype, device=device), offsets
+
+
+def buckets(tensors: Sequence[Tensor], size: int) -> list[list[Tensor]]:
+    """``tensors`` (views of one :attr:`ParameterDelta.flat`) in flat order, cut into runs of
+    consecutive tensors of at least ``size`` values each (the last may hold fewer): the ranges
+    an update takes at once."""
+    runs: list[list[Tensor]] = [[]]
+    count = 0
+    for t in sorted(tensors, key=lambda t: t.storage_offset()):
+        if count >= size:
+            runs.append([])
+            count = 0
+        runs[-1].append(t)
+        count += t.numel()
+    return runs
 
 
 def select_base(module: nn.Module, include: Callable[[str], bool] | None) -> dict[str, Tensor]:

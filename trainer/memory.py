@@ -33,6 +33,7 @@ from typing import Literal
 
 from .compact_adam import BLOCK, CHUNK
 from .config import ConfigError, TrainConfig
+from .optim import BUCKET
 
 AnchorSource = Literal["checkpoint", "model"]  # where theta0 comes from (the host's Anchor says how it is read)
 GB = 1e9
@@ -117,12 +118,15 @@ def estimate(mode: str, params: int, largest: int, anchor_bytes: int, resolution
     c = configure(TrainConfig(), mode)
     delta = c.delta_torch_dtype.itemsize
     moments = {"fp32": 8.0, "bf16": 4.0, "fp8": 2.0 + 8.0 / BLOCK}[c.moments]  # fp8: + one fp32 scale per block
-    grads = largest * 4 * 2 if c.step_in_backward else params * delta
+    # Stepping in backward holds one bucket's gradients (a run of at least BUCKET values that
+    # ends with a whole tensor): on SD1.5's U-Net never more at once (tests/test_memory_modes.py).
+    bucket = min(params, BUCKET + largest)
+    grads = bucket * delta if c.step_in_backward else params * delta
     # torch's default multi-tensor Adam holds one parameter-sized temporary; fused and the
-    # per-tensor updates hold a few copies of one tensor, the compact update about a dozen fp32
-    # copies of one chunk.
+    # per-tensor updates hold a few copies of one tensor, the compact update a bucket-sized
+    # scratch buffer for the gathered gradients and about seven fp32 copies of one chunk.
     if c.compact_state:
-        adam_temp = min(largest, CHUNK) * 4 * 12
+        adam_temp = bucket * delta + min(params, CHUNK) * 4 * 7
     elif c.step_in_backward or c.adam == "fused":
         adam_temp = largest * 4 * 6
     else:

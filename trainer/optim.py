@@ -10,8 +10,8 @@ gradients before the step.
 
 * :class:`AdamUpdate` - the paper's: after backward, on all tensors at once.
 * :class:`StepInBackwardUpdate` (``step_in_backward``) - the same optimizer, stepped during
-  backward on each bucket of about :data:`BUCKET` values whose gradients are complete, which are
-  then freed: the full set of gradients never exists at once (one parameter-sized buffer less
+  backward on each bucket of about :data:`BUCKET` values once its gradients are complete, which
+  are then freed: the full set of gradients never exists at once (one parameter-sized buffer less
   at the peak), and the update is exactly the all-at-once one (Adam has no cross-tensor
   coupling).
 
@@ -34,24 +34,24 @@ from torch import Tensor
 
 from .compact_adam import CompactAdam
 from .config import ADAM_IMPLS, AdamImpl, ConfigError, TrainConfig
-from .delta import ParameterDelta
+from .delta import ParameterDelta, buckets
 from .objective import NonFiniteLossError, Regularizer
 
-BUCKET = 1 << 25
-"""Gradient values a ``step_in_backward`` update holds before it steps them (128 MB in fp32;
-a tensor larger than this is a bucket of its own)."""
+BUCKET = 1 << 24
+"""Gradient values a ``step_in_backward`` update steps at once (64 MB in fp32): the buckets are
+runs of consecutive tensors of at least this many values (:func:`trainer.delta.buckets`)."""
 
 
 def make_adam(params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
-              impl: AdamImpl = "default", config: TrainConfig | None = None,
-              positions: dict[int, int] | None = None) -> torch.optim.Optimizer:
+              impl: AdamImpl = "default", config: TrainConfig | None = None) -> torch.optim.Optimizer:
     """``Adam(params, lr)`` with the requested kernel; ``params`` may be parameter groups
     (each with its ``weight_decay``), otherwise there is no weight decay.  A ``config`` with
-    compact state (compact moments or a bf16 delta) gets :class:`CompactAdam` (``positions``:
-    each tensor's index in the delta, which seeds its rounding noise)."""
+    compact state (compact moments or a bf16 delta) gets :class:`CompactAdam`, which updates
+    the delta's flat buffer in the buckets of :data:`BUCKET` values that
+    :class:`StepInBackwardUpdate` hands it."""
     params = list(params)
     if config is not None and config.compact_state:
-        return CompactAdam(params, lr=lr, moments=config.moments, seed=config.seed, positions=positions)
+        return CompactAdam(params, lr=lr, moments=config.moments, seed=config.seed, bucket=BUCKET)
     if impl not in ADAM_IMPLS:
         raise ConfigError("adam", f"unknown Adam implementation {impl!r}", f"Use one of {', '.join(ADAM_IMPLS)}")
     kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
@@ -79,13 +79,13 @@ class AdamUpdate:
         tensors = delta.tensors()
         positions = {id(t): i for i, t in enumerate(tensors)}
         if self.decay is None:
-            self.optimizer = make_adam(tensors, config.lr, config.adam, config, positions)
+            self.optimizer = make_adam(tensors, config.lr, config.adam, config)
         else:
             groups: dict[float, list[Tensor]] = {}
             for t, c in zip(tensors, self.decay):
                 groups.setdefault(c, []).append(t)
             self.optimizer = make_adam([{"params": ts, "weight_decay": c} for c, ts in groups.items()],
-                                       config.lr, config.adam, config, positions)
+                                       config.lr, config.adam, config)
         self._order = [positions[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         self._skips = isinstance(self.optimizer, CompactAdam) or config.adam == "fused"
         self.bad: Tensor | None = None
@@ -148,18 +148,21 @@ class StepInBackwardUpdate(AdamUpdate):
     """:class:`AdamUpdate`'s optimizer, stepped from the delta tensors' post-accumulate-grad
     hooks a bucket at a time.
 
-    A tensor's gradient is complete when its hook runs; once the pending ones reach
-    :data:`BUCKET` values they step and their gradients are freed.  :meth:`step` steps the rest,
-    and the tensors the forward did not reach with a zero denoising gradient, as the
-    all-at-once update gives them.  A non-finite gradient skips its bucket and every later one;
-    the buckets stepped before it cannot be taken back (the error says so).
+    The buckets are fixed runs of about :data:`BUCKET` values of the delta's flat buffer
+    (:func:`trainer.delta.buckets`), laid out in the order backward completes gradients, so a
+    bucket is usually complete soon after its first gradient; a tensor's gradient is complete
+    when its hook runs, and once all of a bucket's are, the bucket steps and its gradients are
+    freed.  :meth:`step` gives the tensors the forward did not reach a zero denoising gradient,
+    as the all-at-once update does, and steps the buckets left.  A non-finite gradient skips
+    its bucket and every later one; the buckets stepped before it cannot be taken back (the
+    error says so).
     """
 
     def __init__(self, delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> None:
         super().__init__(delta, regularizer, config)
-        self._pending: list[Tensor] = []
-        self._pending_numel = 0
-        self._reached: set[int] = set()
+        self._buckets = buckets(delta.tensors(), BUCKET)
+        self._bucket_of = {id(p): i for i, run in enumerate(self._buckets) for p in run}
+        self._waiting = [len(run) for run in self._buckets]
         # The hooks live on the delta tensors and must not keep this object alive: a tensor's
         # hooks are invisible to Python's cycle collector, so a bound method here would leak
         # the whole optimizer state (a full-size run's 7 GB of moments) after every run.
@@ -168,29 +171,29 @@ class StepInBackwardUpdate(AdamUpdate):
                          for p in delta.tensors()]
 
     def _hook(self, p: Tensor) -> None:
-        self._reached.add(id(p))
-        self._pending.append(p)
-        self._pending_numel += p.numel()
-        if self._pending_numel >= BUCKET:
-            self._flush()
+        i = self._bucket_of[id(p)]
+        self._waiting[i] -= 1
+        if self._waiting[i] == 0:
+            self._flush(i)
 
-    def _flush(self) -> None:
-        if self._pending:
-            pending, self._pending, self._pending_numel = self._pending, [], 0
-            self._step_tensors(pending)
-            for p in pending:
-                p.grad = None
+    def _flush(self, i: int) -> None:
+        run = self._buckets[i]
+        self._step_tensors(run)
+        for p in run:
+            p.grad = None
 
     def zero_grad(self) -> None:
         super().zero_grad()
-        self._pending, self._pending_numel, self._reached = [], 0, set()
+        self._waiting = [len(run) for run in self._buckets]
 
     def step(self, step_no: int) -> Tensor:
-        for p in self.delta.tensors():
-            if id(p) not in self._reached:
-                p.grad = torch.zeros_like(p)
-                self._pending.append(p)
-        self._flush()
+        for i, run in enumerate(self._buckets):
+            if self._waiting[i] > 0:
+                for p in run:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self._flush(i)
+        self._waiting = [0] * len(self._buckets)
         return self.bad
 
     def non_finite(self, step_no: int | None = None) -> NonFiniteLossError:

@@ -5,7 +5,8 @@ absent (temporary file in the same folder, fsync, rename), and carries a SHA-256
 tensors and metadata in its metadata, so a truncated or altered file is refused instead of loaded.  No
 pickle anywhere.  :func:`flatten_trainer_state` turns a trainer's resume state (deltas, Adam
 moments, generator) into plain named tensors for the same format, with the moments either exact
-(fp32) or compact (8 bits per value, block-wise scaled: a quarter of the size).
+(fp32) or compact (8 bits per value, block-wise scaled: a quarter of the size, in the memory
+modes' own 8-bit format).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from .compact_adam import BLOCK, Codec
 
 CHECKSUM_KEY = "lipschitz.sha256"
 
@@ -106,46 +109,34 @@ def load_verified(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
 
 
 # -- trainer resume state as named tensors ------------------------------------------------
-MOMENT_FORMATS: tuple[str, ...] = ("fp32", "int8")
-BLOCK = 256
+MOMENT_FORMATS: tuple[str, ...] = ("fp32", "fp8")
 CHUNK = 256 * BLOCK
+_CODEC = Codec("fp8")
 
 
-def quantize_moment(t: Tensor, key: str) -> tuple[Tensor, Tensor]:
-    """An Adam moment -> (8-bit codes, one fp32 scale per block of :data:`BLOCK` values).
+def compact_moment(t: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    """An Adam moment -> its 8-bit form: :class:`~trainer.compact_adam.Codec`'s fp8 blocks (the
+    memory modes' format; ``exp_avg_sq`` as its square root), rounded to nearest.
 
-    ``exp_avg`` (signed) is stored as ``round(127 x / absmax)``; ``exp_avg_sq`` as
-    ``round(255 sqrt(v) / max)``: its square root spans half the decades, and a value that
-    rounds to 0 comes back as half a step (:func:`dequantize_moment`), never as 0, so a resumed
-    Adam step ``m / (sqrt(v) + eps)`` cannot blow up where ``m`` survived and ``v`` did not.
-    The outputs are allocated first and filled :data:`CHUNK` values at a time, so a stopped
-    SD1.5 run is written with small, reused temporaries (no heap left fragmented behind it).
+    Encoded :data:`CHUNK` values at a time, so a stopped SD1.5 run is written with small, reused
+    temporaries (no heap left fragmented behind it).
     """
     flat = t.detach().reshape(-1)
-    n_blocks = -(-flat.numel() // BLOCK)
-    second = key == "exp_avg_sq"
-    codes = torch.empty(n_blocks * BLOCK, dtype=torch.uint8 if second else torch.int8)
-    scale = torch.empty(n_blocks, dtype=torch.float32)
+    stored = _CODEC.zeros(flat.numel(), "cpu")
     for start in range(0, flat.numel(), CHUNK):
-        part = flat[start:start + CHUNK].float()
-        part = torch.nn.functional.pad(part, (0, -part.numel() % BLOCK)).view(-1, BLOCK)
-        part = part.clamp_min(0).sqrt() if second else part
-        block_scale = part.abs().amax(dim=1)
-        scale[start // BLOCK:start // BLOCK + block_scale.numel()] = block_scale
-        part = part / block_scale.clamp_min(1e-38)[:, None] * (255 if second else 127)
-        codes[start:start + part.numel()] = part.round_().reshape(-1)
-    return codes, scale
+        part = flat[start:start + CHUNK].to(torch.float32, copy=True)  # encode scales its input in place
+        part = torch.nn.functional.pad(part, (0, -part.numel() % BLOCK))
+        _CODEC.encode(_CODEC.part(stored, start, start + part.numel()), part, root=key == "exp_avg_sq")
+    return stored["value"], stored["scale"]
 
 
-def dequantize_moment(codes: Tensor, scale: Tensor, key: str, shape: tuple[int, ...]) -> Tensor:
-    numel = math.prod(shape)
-    blocks = codes.view(-1, BLOCK).float()
-    if key == "exp_avg_sq":
-        root = torch.where(blocks > 0, blocks, 0.5) * (scale[:, None] / 255)
-        values = root.square()
-    else:
-        values = blocks * (scale[:, None] / 127)
-    return values.reshape(-1)[:numel].reshape(shape).contiguous()
+def expand_moment(value: Tensor, scale: Tensor, key: str, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`compact_moment`, in fp32.  A second moment stored as 0 comes back as half
+    the format's smallest step, never as 0, so a resumed Adam step ``m / (sqrt(v) + eps)``
+    cannot blow up where ``m`` survived and ``v`` underflowed."""
+    second = key == "exp_avg_sq"
+    values = _CODEC.decode({"value": value, "scale": scale}, root=second, nonzero=second)
+    return values[:math.prod(shape)].reshape(shape).contiguous()
 
 
 def flatten_trainer_state(state: Mapping[str, Any], names: list[str],
@@ -153,8 +144,8 @@ def flatten_trainer_state(state: Mapping[str, Any], names: list[str],
     """``RegularizedTrainer.state_dict()`` -> (tensors, metadata) for :func:`save_verified`.
 
     Adam's per-parameter state is keyed by the parameter's position; ``names`` (the delta's
-    names in order) turns it into stable names.  ``moments="int8"`` stores Adam's moments in
-    8 bits (:func:`quantize_moment`): a resumed run then continues from those rounded values.
+    names in order) turns it into stable names.  ``moments="fp8"`` stores Adam's moments in
+    8 bits (:func:`compact_moment`): a resumed run then continues from those rounded values.
     """
     if moments not in MOMENT_FORMATS:
         raise ValueError(f"moments must be one of {MOMENT_FORMATS}, got {moments!r}")
@@ -164,8 +155,8 @@ def flatten_trainer_state(state: Mapping[str, Any], names: list[str],
             name = f"adam.{key}.{names[idx]}"
             if key == "step":
                 tensors[name] = torch.as_tensor(value).reshape(-1)
-            elif moments == "int8":
-                tensors[name], tensors[name + ".scale"] = quantize_moment(value, key)
+            elif moments == "fp8":
+                tensors[name], tensors[name + ".scale"] = compact_moment(value, key)
             else:
                 tensors[name] = value
     tensors["generator"] = state["generator"]
@@ -176,6 +167,9 @@ def flatten_trainer_state(state: Mapping[str, Any], names: list[str],
 
 def unflatten_trainer_state(tensors: Mapping[str, Tensor], meta: Mapping[str, str], names: list[str]) -> dict[str, Any]:
     """Inverse of :func:`flatten_trainer_state` (compact moments come back as fp32)."""
+    if meta.get("moments", "fp32") not in MOMENT_FORMATS:
+        raise ValueError(f"its Adam moments are stored as {meta['moments']!r} by an earlier version of the pack, "
+                         f"which this version does not read (it reads {', '.join(MOMENT_FORMATS)})")
     deltas = {n: tensors[f"delta.{n}"] for n in names}
     opt_state: dict[int, dict[str, Tensor]] = {}
     for idx, name in enumerate(names):
@@ -187,8 +181,8 @@ def unflatten_trainer_state(tensors: Mapping[str, Tensor], meta: Mapping[str, st
             if key == "step":
                 per_param[key] = t.reshape(())
             elif f"adam.{key}.{name}.scale" in tensors:
-                per_param[key] = dequantize_moment(t, tensors[f"adam.{key}.{name}.scale"], key,
-                                                   tuple(deltas[name].shape))
+                per_param[key] = expand_moment(t, tensors[f"adam.{key}.{name}.scale"], key,
+                                               tuple(deltas[name].shape))
             else:
                 per_param[key] = t
         if per_param:

@@ -52,12 +52,12 @@ class TrainedDelta:
 
 def moment_format(delta_dtype: str) -> str:
     """How a stopped run's Adam moments are stored: exactly with fp32 deltas, else in 8 bits."""
-    return "fp32" if delta_dtype == "fp32" else "int8"
+    return "fp32" if delta_dtype == "fp32" else "fp8"
 
 
 def file_nbytes(delta: TrainedDelta, moments: str | None = None) -> int:
     """About what :func:`save_delta_file` writes: the delta, plus two moments for a stopped run."""
-    per_value = {None: 0.0, "fp32": 8.0, "int8": 2.0 + 8.0 / BLOCK}[moments]  # two moments, + their scales
+    per_value = {None: 0.0, "fp32": 8.0, "fp8": 2.0 + 8.0 / BLOCK}[moments]  # two moments, + their scales
     return delta.nbytes + int(per_value * sum(t.numel() for t in delta.tensors.values()))
 
 
