@@ -26,7 +26,10 @@ from torch import Tensor, nn
 class ParameterDelta:
     """Deltas for the parameters of ``module`` selected by ``include`` (all by default): fp32
     (the paper) or ``dtype`` (bf16 for the ``8gb`` memory mode), against ``anchor`` (by name;
-    the module's own tensors by default)."""
+    the module's own tensors by default).
+
+    Each delta is a leaf view of one flat buffer (:attr:`flat`, offsets in :attr:`offsets`), so
+    an optimizer can update runs of tensors as one range (:func:`buckets`)."""
 
     def __init__(
         self,
@@ -74,10 +77,6 @@ class ParameterDelta:
 
     def numel(self) -> int:
         return sum(d.numel() for d in self.delta.values())
-
-    def flat_order(self) -> list[Tensor]:
-        """The delta tensors in the order of :attr:`flat` (each is a view of it)."""
-        return sorted(self.delta.values(), key=lambda d: d.storage_offset())
 
     # -- persistence ----------------------------------------------------------------------
     @torch.no_grad()
