@@ -183,3 +183,42 @@ def test_half_precision_storage_keeps_a_trained_delta(dtype, bound):
     assert stored.dtype == dtype
     err = ((stored.float() - full).norm() / full.norm()).item()
     assert 0 < err < bound, err
+
+
+class _UsedOutOfOrder(torch.nn.Module):
+    """Three layers registered a, b, c and called b, a, c: backward completes c, then a, then b,
+    so in the delta's layout (reverse registration: c, b, a) one bucket completes while the
+    other holds only part of its gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.requires_grad_(False)
+
+    def forward(self, x, t, cond):
+        return self.c(torch.tanh(self.a(torch.tanh(self.b(x)))))
+
+
+@pytest.mark.parametrize("mode", ["lean", "12gb", "8gb"])
+def test_step_in_backward_equals_the_all_at_once_update_when_backward_completes_buckets_out_of_order(mode,
+                                                                                                      monkeypatch):
+    """A bucket that completes while another holds only part of its gradients steps alone: the
+    optimizer steps every tensor that has a gradient, so the early ones were stepped twice."""
+    from lipschitz_personalize.trainer.memory import configure
+
+    monkeypatch.setattr("lipschitz_personalize.trainer.optim.BUCKET", 80)  # buckets (c.b c.w b.b) (b.w a.b a.w)
+    g = torch.Generator().manual_seed(1)
+    data = CachedExamples(torch.randn(6, 8, generator=g), torch.zeros(1, 1))
+    deltas = []
+    for step_in_backward in (True, False):
+        model = _UsedOutOfOrder()
+        config = configure(TrainConfig(steps=4, lr=1e-2, lam=50.0), mode)
+        config.step_in_backward = step_in_backward
+        delta = ParameterDelta(model, dtype=config.delta_torch_dtype)
+        trainer = RegularizedTrainer(model, delta, torch.linspace(0.99, 0.01, 1000), data, config)
+        if step_in_backward:
+            assert [len(b) for b in trainer.update._buckets] == [3, 3]
+        _run(trainer)
+        deltas.append(_flat(trainer))
+    assert torch.equal(*deltas)

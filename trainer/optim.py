@@ -163,6 +163,7 @@ class StepInBackwardUpdate(AdamUpdate):
         self._buckets = buckets(delta.tensors(), BUCKET)
         self._bucket_of = {id(p): i for i, run in enumerate(self._buckets) for p in run}
         self._waiting = [len(run) for run in self._buckets]
+        self._arrived: list[list[Tensor]] = [[] for _ in self._buckets]
         # The hooks live on the delta tensors and must not keep this object alive: a tensor's
         # hooks are invisible to Python's cycle collector, so a bound method here would leak
         # the whole optimizer state (a full-size run's 7 GB of moments) after every run.
@@ -173,18 +174,27 @@ class StepInBackwardUpdate(AdamUpdate):
     def _hook(self, p: Tensor) -> None:
         i = self._bucket_of[id(p)]
         self._waiting[i] -= 1
+        self._arrived[i].append(p)
         if self._waiting[i] == 0:
             self._flush(i)
 
     def _flush(self, i: int) -> None:
-        run = self._buckets[i]
-        self._step_tensors(run)
-        for p in run:
+        """Step bucket ``i`` alone: the gradients other buckets already hold are set aside while
+        the optimizer (which steps every tensor that has a gradient) runs, then put back."""
+        early = [(p, p.grad) for j, arrived in enumerate(self._arrived) if j != i for p in arrived]
+        for p, _ in early:
             p.grad = None
+        self._step_tensors(self._buckets[i])
+        for p in self._buckets[i]:
+            p.grad = None
+        for p, grad in early:
+            p.grad = grad
+        self._arrived[i] = []
 
     def zero_grad(self) -> None:
         super().zero_grad()
         self._waiting = [len(run) for run in self._buckets]
+        self._arrived = [[] for _ in self._buckets]
 
     def step(self, step_no: int) -> Tensor:
         for i, run in enumerate(self._buckets):
@@ -192,8 +202,9 @@ class StepInBackwardUpdate(AdamUpdate):
                 for p in run:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
+                        self._arrived[i].append(p)
+                self._waiting[i] = 0
                 self._flush(i)
-        self._waiting = [0] * len(self._buckets)
         return self.bad
 
     def non_finite(self, step_no: int | None = None) -> NonFiniteLossError:
