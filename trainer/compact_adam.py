@@ -7,7 +7,7 @@ contiguous ranges with a fixed number of ops per range instead of a Python loop 
 each bucket of tensors (:func:`trainer.delta.buckets`, the ranges a ``step_in_backward``
 update steps as their gradients complete) is gathered into one scratch buffer with a single
 multi-tensor copy, then updated :data:`CHUNK` values at a time.  Chunking bounds the fp32
-temporaries (about seven copies of one chunk, 32 MB each) and the chunk count sets the op
+temporaries (at most six fp32 copies of one chunk, 64 MB each) and the chunk count sets the op
 count of a step.  What stays resident between steps is stored by :class:`Codec`:
 
 * ``moments="bf16"``: ``exp_avg`` and ``exp_avg_sq`` in bfloat16 (half of fp32);
@@ -47,7 +47,7 @@ from .delta import ALIGN, buckets
 Moments = Literal["fp32", "bf16", "fp8"]
 MOMENTS: tuple[str, ...] = ("fp32", "bf16", "fp8")
 BLOCK = 256
-CHUNK = 1 << 23
+CHUNK = 1 << 24
 """Values per slice of the update (a multiple of :data:`BLOCK`)."""
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -276,7 +276,7 @@ class CompactAdam(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
         step_size = lr / bias_correction1
         if self.codec.moments == "fp8":
             x.add_(torch.div(exp_avg, denom, out=denom).clamp_(-RATIO_LIMIT, RATIO_LIMIT), alpha=-step_size)
@@ -285,6 +285,7 @@ class CompactAdam(torch.optim.Optimizer):
         del denom
         if x is not p:
             p.copy_(stochastic_round(x, p.dtype, gen))
+        del x, grad
         self.codec.encode(chunk.exp_avg, exp_avg, generator=gen)
         self.codec.encode(chunk.exp_avg_sq, exp_avg_sq, root=True, generator=gen)
 
