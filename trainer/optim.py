@@ -15,11 +15,12 @@ gradients before the step.
   at the peak), and the update is exactly the all-at-once one (Adam has no cross-tensor
   coupling).
 
-Finiteness costs no host sync of its own: a step's verdict is a 0-d device flag
-(:attr:`AdamUpdate.bad`); the optimizers that take it as ``found_inf`` (torch's fused Adam,
-:class:`~trainer.compact_adam.CompactAdam`) skip the update on the device, and the loop reads
-the flag with the step's metrics, in the step's one synchronisation. The other torch kernels
-(``default``, ``foreach``) cannot skip, so for them the flag is read before the step.
+A step's finiteness verdict is a 0-d device flag (:attr:`AdamUpdate.bad`).  Torch's fused Adam
+takes it as ``found_inf`` and skips the update on the device, so it costs no host sync of its
+own: the loop reads the flag with the step's metrics, in the step's one synchronisation.
+:class:`~trainer.compact_adam.CompactAdam` takes it too but reads it on the host (one sync per
+bucket), and the other torch kernels (``default``, ``foreach``) cannot skip, so for them the
+flag is read before each step.
 
 The Adam kernel (``config.adam``) is ``default`` (what torch picks: the faithful baseline),
 ``foreach`` or ``fused`` (the same update to 1e-6).
