@@ -239,6 +239,12 @@ def test_lean_cancelled_at_random_times_resumes_bitwise_to_the_uninterrupted_run
         assert all(torch.equal(tensors[k], reference[k]) for k in reference), f"cancelled after {stopped_at}"
 
 
+def _saved(graph: dict) -> dict:
+    """``graph`` with an output node (ComfyUI runs only what leads to one): the delta saved."""
+    graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1], "filename_prefix": "preview"}}
+    return graph
+
+
 def _decoded(url: str) -> np.ndarray:
     """A preview's PNG data URL as a float array in [0, 1]."""
     import base64
@@ -266,7 +272,7 @@ def test_previews_show_the_delta_beside_the_base_to_the_queuing_client_and_leave
 
     def trained(**preview) -> tuple[dict, object]:
         client.post("/free", {"free_memory": True})  # ComfyUI must not serve the last run from its cache
-        result = _run_ok(client, personalize_graph("preview", steps=4, seed=seed, **preview))
+        result = _run_ok(client, _saved(personalize_graph("preview", steps=4, seed=seed, **preview)))
         (auto,) = set(deltas.glob("auto_*.safetensors")) - others
         tensors = load_file(auto)
         auto.unlink()  # the next run must train, not reload this one
@@ -329,7 +335,7 @@ def test_cancel_during_a_preview_stops_it_and_saves_the_run_like_a_cancel_during
                 client.interrupt()
 
     before = set(deltas.glob("partial_*.safetensors"))
-    result = client.run(graph, timeout=600, on_message=on_message)
+    result = client.run(_saved(graph), timeout=600, on_message=on_message)
     assert result.status == "interrupted"
     assert steps == [1, 2] and [e["step"] for e in result.events("lipschitz.preview")] == [0]
     (partial,) = set(deltas.glob("partial_*.safetensors")) - before
