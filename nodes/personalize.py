@@ -12,6 +12,7 @@ from ..trainer.config import DEFAULTS, PRECISIONS, REGULARIZERS, TrainConfig
 from ..trainer.files.delta_file import DEFAULT_DELTA_DTYPE, DELTA_DTYPES
 from ..trainer.memory import CHOICES as MEMORY_CHOICES
 from ..trainer.memory import MODES
+from ..trainer.preview import DEFAULT_EVERY, DEFAULT_SAMPLER_STEPS, DEFAULT_SIZE
 from .host.patches import SAMPLING
 from .host.run import RunSpec, personalize
 from .host.types import DeltaType, TrainingLogType
@@ -75,6 +76,19 @@ class LipschitzPersonalize(io.ComfyNode):
                                  tooltip="Off (the paper): fp32 matmuls and convolutions are strict fp32. On: NVIDIA "
                                          "GPUs (Ampere and later) compute them with TF32 inputs, faster and slightly "
                                          "less exact. No effect on a CPU"),
+                io.Int.Input("preview_every", default=DEFAULT_EVERY, min=0, max=100000, optional=True,
+                             tooltip="Sample the preview prompts from the current delta every N training steps, "
+                                     "beside the base model's image of the same prompt and seed, and chart the drift "
+                                     "(0 = off; the default costs about 6% of the paper's run). Skipped, and said so, "
+                                     "where it would not fit the memory the pre-flight check planned"),
+                io.String.Input("preview_prompts", default="", multiline=True, optional=True,
+                                tooltip="One prompt per line: the first shows the subject, the others measure drift. "
+                                        'Empty: the instance prompt and the same without its token ("a photo of dog"), '
+                                        "or the class prompt when one is set"),
+                io.Int.Input("preview_steps", default=DEFAULT_SAMPLER_STEPS, min=1, max=200, optional=True,
+                             tooltip="Sampler steps of each preview image (euler, CFG 7)"),
+                io.Int.Input("preview_size", default=DEFAULT_SIZE, min=64, max=2048, step=64, optional=True,
+                             tooltip="Width and height of the preview images in pixels"),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -90,10 +104,11 @@ class LipschitzPersonalize(io.ComfyNode):
                 gradient_checkpointing=DEFAULTS.gradient_checkpointing, batch_size=DEFAULTS.batch_size,
                 resolution=DEFAULTS.resolution, resume=False, class_images=None, class_prompt="",
                 prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE, memory="auto",
-                sampling="patch", tf32=DEFAULTS.tf32) -> io.NodeOutput:
+                sampling="patch", tf32=DEFAULTS.tf32, preview_every=DEFAULT_EVERY, preview_prompts="",
+                preview_steps=DEFAULT_SAMPLER_STEPS, preview_size=DEFAULT_SIZE) -> io.NodeOutput:
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer, seed=seed,
                              batch_size=batch_size, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                              prior_weight=prior_weight, precision=precision, tf32=tf32)
         spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory,
-                       cls.hidden.prompt, sampling)
+                       cls.hidden.prompt, sampling, preview_every, preview_prompts, preview_steps, preview_size)
         return io.NodeOutput(*personalize(spec, cls.hidden.unique_id or "0"))

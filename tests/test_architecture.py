@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "execution",
                  "node_helpers", "latent_preview", "nodes"}
 # Test modules that must need no ComfyUI (maths and files of the trainer, the toy).
-PURE_TESTS = ("test_objective", "test_toy", "test_metrics", "test_persistence", "test_architecture")
+PURE_TESTS = ("test_objective", "test_toy", "test_metrics", "test_persistence", "test_architecture", "test_preview")
 
 
 def _imports(path: Path) -> set[str]:

@@ -40,6 +40,7 @@ EXTERNAL = re.compile(r"^https?://(?!(127\.0\.0\.1|localhost)(:\d+)?/)")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "browser"
 EXTENSION = "lipschitz.personalize.chart"
 STEPS = 5
+PREVIEW_EVERY = 2  # previews at steps 2 and 4, beside the base's images (step 0)
 TRAIN_NODE = "3"
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 WORKFLOW_CKPT = "v1-5-pruned-emaonly.safetensors"  # what the shipped workflows name
@@ -257,6 +258,20 @@ def wait_for_points(page, node_id: str, n: int, timeout: float = 60.0) -> None:
                            " return !!c && c.points >= n; }", arg=[node_id, n], timeout=timeout * 1000)
 
 
+def wait_for_previews(page, node_id: str, timeout: float = 60.0) -> None:
+    """The chart of ``node_id`` shows the last preview's images beside the base's, decoded, and
+    the drift curve has a point per preview (the base's 0 included)."""
+    last = STEPS // PREVIEW_EVERY * PREVIEW_EVERY
+    page.wait_for_function("""([id, last, n]) => {
+        const c = window.__lipschitzChart && window.__lipschitzChart[id];
+        if (!c || c.preview.step !== last || c.preview.drift !== n) return false;
+        const root = document.querySelector(`.lipschitz-chart[data-node="${id}"]`);
+        const imgs = root ? [...root.querySelectorAll(".lipschitz-preview img")] : [];
+        const current = imgs.filter(i => i.dataset.kind === "current" && i.dataset.step === String(last));
+        return imgs.length === 4 && current.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0);
+    }""", arg=[node_id, last, last // PREVIEW_EVERY + 1], timeout=timeout * 1000)
+
+
 def screenshot(page, name: str) -> Path:
     path = artifact_dir() / name
     page.screenshot(path=str(path))
@@ -329,7 +344,7 @@ def train_and_sample_graph(seed: int) -> dict:
         TRAIN_NODE: {"class_type": "LipschitzPersonalize", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0],
             "prompt": "a photo of sks dog", "lambda_reg": 500.0, "steps": STEPS, "learning_rate": 1e-4,
-            "seed": seed, "resolution": RES}},
+            "seed": seed, "resolution": RES, "preview_every": PREVIEW_EVERY, "preview_steps": 1, "preview_size": RES}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks dog on a beach"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": RES, "height": RES, "batch_size": 1}},
@@ -427,6 +442,7 @@ def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, baseline,
         el = page.locator(f'.lipschitz-chart[data-node="{TRAIN_NODE}"]')
         assert int(el.get_attribute("data-points")) >= STEPS
         assert el.is_visible()
+        wait_for_previews(page, TRAIN_NODE)
         screenshot(page, "chart_after_run.png")
         server_events = client.get(f"/lipschitz/status?node={TRAIN_NODE}")[TRAIN_NODE]["events"]
         assert [e["step"] for e in server_events] == list(range(1, STEPS + 1))
@@ -443,6 +459,7 @@ def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, baseline,
         center_on_node(page, TRAIN_NODE)
         chart = page.evaluate("(id) => window.__lipschitzChart[id]", TRAIN_NODE)
         assert chart["points"] >= STEPS and chart["live"] == 0, chart  # refilled, no live event
+        wait_for_previews(page, TRAIN_NODE)  # the images and the drift curve came back too
         screenshot(page, "chart_after_reload.png")
 
         extra = log.error_keys() - baseline
@@ -650,9 +667,10 @@ def test_a_node_inside_a_subgraph_gets_its_chart_and_other_browsers_get_nothing(
     with logged_page(browser, "console_subgraph.txt") as (page, log), \
             logged_page(browser, "console_bystander.txt") as (other, _):
         open_frontend(other, comfy_server.url)
-        other.evaluate("""() => { const api = window.comfyAPI.api.api; window.__heard = {text: 0, progress: 0};
+        other.evaluate("""() => { const api = window.comfyAPI.api.api; window.__heard = {text: 0, progress: 0, preview: 0};
             api.addEventListener("progress_text", () => window.__heard.text++);
-            api.addEventListener("lipschitz.progress", () => window.__heard.progress++); }""")
+            api.addEventListener("lipschitz.progress", () => window.__heard.progress++);
+            api.addEventListener("lipschitz.preview", () => window.__heard.preview++); }""")
         open_frontend(page, comfy_server.url)
         dismiss_dialogs(page)
         page.evaluate("([g, n]) => window.app.loadApiJson(g, n)",
@@ -695,6 +713,6 @@ def test_a_node_inside_a_subgraph_gets_its_chart_and_other_browsers_get_nothing(
         assert _inner_chart(page, first, TRAIN_NODE) == f"{second}:{TRAIN_NODE}"
 
         other.wait_for_timeout(500)
-        assert other.evaluate("() => window.__heard") == {"text": 0, "progress": 0}
+        assert other.evaluate("() => window.__heard") == {"text": 0, "progress": 0, "preview": 0}
         extra = log.error_keys() - baseline
         assert not extra, f"console errors beyond the bare frontend's: {sorted(extra)}"

@@ -237,3 +237,115 @@ def test_lean_cancelled_at_random_times_resumes_bitwise_to_the_uninterrupted_run
     for tensors in results:
         assert tensors.keys() == reference.keys()
         assert all(torch.equal(tensors[k], reference[k]) for k in reference), f"cancelled after {stopped_at}"
+
+
+def _saved(graph: dict) -> dict:
+    """``graph`` with an output node (ComfyUI runs only what leads to one): the delta saved."""
+    graph["save"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": ["train", 1], "filename_prefix": "preview"}}
+    return graph
+
+
+def _decoded(url: str) -> np.ndarray:
+    """A preview's PNG data URL as a float array in [0, 1]."""
+    import base64
+    import io
+
+    head, _, body = url.partition(",")
+    assert head == "data:image/png;base64", head
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body))), dtype=np.float64) / 255.0
+
+
+def test_previews_show_the_delta_beside_the_base_to_the_queuing_client_and_leave_the_delta_bitwise_alone(server):
+    """Every ``preview_every`` steps the node samples the instance prompt and the token-less prompt
+    from the current delta, beside the base's images (sampled once, at step 0); the drift is the
+    pixel distance of the token-less image from the base's.  Only the queuing client receives
+    them; the status route keeps them for a reload; and the trained delta is bitwise the one of
+    the same run without previews."""
+    import json
+    import random
+
+    import websocket
+
+    client, deltas = server.client, server.base_dir / "models" / "lipschitz_deltas"
+    others = set(deltas.glob("auto_*.safetensors"))
+    seed = random.randrange(1, 2**31)  # a new run key: never served from a finished run on disk
+
+    def trained(**preview) -> tuple[dict, object]:
+        client.post("/free", {"free_memory": True})  # ComfyUI must not serve the last run from its cache
+        result = _run_ok(client, _saved(personalize_graph("preview", steps=4, seed=seed, **preview)))
+        (auto,) = set(deltas.glob("auto_*.safetensors")) - others
+        tensors = load_file(auto)
+        auto.unlink()  # the next run must train, not reload this one
+        return tensors, result
+
+    plain, _ = trained()
+    bystander = websocket.create_connection(client.ws_url("bystander"), timeout=10)
+    try:
+        previewed, result = trained(preview_every=2, preview_steps=2, preview_size=64)
+        bystander.settimeout(0.5)
+        heard = []
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            while True:
+                frame = bystander.recv()
+                if isinstance(frame, str):
+                    heard.append(json.loads(frame).get("type"))
+    finally:
+        bystander.close()
+    assert "lipschitz.preview" not in heard and "lipschitz.progress" not in heard, heard
+
+    assert plain.keys() == previewed.keys()
+    assert all(torch.equal(plain[k], previewed[k]) for k in plain), "the previews changed the trained delta"
+
+    events = result.events("lipschitz.preview")
+    assert [e["step"] for e in events] == [0, 2, 4]
+    assert all(e["prompts"] == ["a photo of sks dog", "a photo of dog"] for e in events)
+    base = [_decoded(u) for u in events[0]["base"]]
+    assert [b.shape for b in base] == [(64, 64, 3)] * 2
+    for e in events:
+        images = [_decoded(u) for u in e["images"]]
+        assert all(np.array_equal(_decoded(u), b) for u, b in zip(e["base"], base))
+        # the drift is the token-less image's RMS distance from the base's (8-bit PNG rounding aside)
+        assert abs(e["drift"] - np.sqrt(np.mean((images[1] - base[1]) ** 2))) <= 1 / 255
+    assert events[0]["drift"] == 0.0 and all(np.array_equal(_decoded(u), b) for u, b in zip(events[0]["images"], base))
+    assert events[-1]["drift"] > 0.0, "the trained delta drew the base's image"
+    assert any(t.startswith("preview at step 4/4: drift") for t in result.texts_for("train"))
+
+    stored = client.get("/lipschitz/status?node=train")["train"]["previews"]
+    assert stored["step"] == 4 and stored["images"] == events[-1]["images"] and stored["base"] == events[0]["base"]
+    assert stored["drift"] == [[e["step"], e["drift"]] for e in events]
+
+
+def test_cancel_during_a_preview_stops_it_and_saves_the_run_like_a_cancel_during_a_step(server):
+    """The interrupt is sent a while after step 2's event, inside step 2's preview (a quarter of
+    the time the base's preview and step 1 took, which the preview of step 2 takes again): it
+    stops inside the sampler (no preview of step 2 is shown, step 3 never runs) and the run is
+    saved at step 2 as a stopped run that ``resume`` continues."""
+    import random
+    import threading
+    import time
+
+    from lipschitz_personalize.trainer.persist import read_metadata
+
+    client, deltas = server.client, server.base_dir / "models" / "lipschitz_deltas"
+    graph = personalize_graph("preview_cancel", steps=6, seed=random.randrange(1, 2**31), preview_every=2,
+                              preview_steps=20, preview_size=64)
+    steps: list[int] = []
+    base_shown: list[float] = []
+
+    def on_message(msg):
+        if msg.get("type") == "lipschitz.preview" and msg["data"]["step"] == 0:
+            base_shown.append(time.monotonic())
+        if msg.get("type") == "lipschitz.progress":
+            steps.append(msg["data"]["step"])
+            if msg["data"]["step"] == 1:
+                base_shown.append(time.monotonic() - base_shown[0])
+            if msg["data"]["step"] == 2:
+                threading.Timer(base_shown[1] / 4, client.interrupt).start()
+
+    before = set(deltas.glob("partial_*.safetensors"))
+    result = client.run(_saved(graph), timeout=600, on_message=on_message)
+    assert result.status == "interrupted"
+    assert steps == [1, 2] and [e["step"] for e in result.events("lipschitz.preview")] == [0]
+    (partial,) = set(deltas.glob("partial_*.safetensors")) - before
+    meta = read_metadata(partial)
+    assert meta["status"] == "interrupted" and meta["steps_done"] == "2"

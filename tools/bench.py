@@ -231,7 +231,7 @@ def node(args: argparse.Namespace) -> None:
             graph["train"] = {"class_type": "LipschitzPersonalize", "inputs": {
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["refs", 0],
                 "prompt": "a photo of sks dog", "lambda_reg": 500.0, "steps": steps, "learning_rate": 2e-6,
-                "seed": 2025, "resolution": res}}
+                "seed": 2025, "resolution": res, "preview_every": 0}}  # the training's cost, without previews
             # An output node, so the prompt runs (the node's own cost ends at its "executed").
             graph["save"] = {"class_type": "LipschitzSaveDelta",
                              "inputs": {"delta": ["train", 1], "filename_prefix": "bench"}}

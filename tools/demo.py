@@ -247,6 +247,7 @@ def main(argv=None) -> int:
         def put(cls: str, **values) -> None:
             rules.setdefault(cls, {}).update(values)
 
+        put("LipschitzPersonalize", preview_every=0)  # headless: nobody watches the previews
         if steps:
             put("LipschitzPersonalize", steps=steps)
         if res:

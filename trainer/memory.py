@@ -173,3 +173,9 @@ def choose(free_bytes: float, estimates: dict[str, Estimate]) -> tuple[str | Non
             why = f"{name} needs about {estimates[name].total / GB:.1f} GB, {free_bytes / GB:.1f} GB are free"
             return name, why + (f" ({'; '.join(skipped)})" if skipped else "")
     return None, f"no mode fits in {free_bytes / GB:.1f} GB free"
+
+
+def between_steps(plan: Estimate, free_bytes: float) -> float:
+    """Bytes that work between two training steps (a preview) may take without passing the plan:
+    the step's activations and transients, freed when it ends, plus what the plan left free."""
+    return plan.parts["activations"] + max(free_bytes - plan.total, 0.0)

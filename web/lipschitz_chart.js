@@ -5,14 +5,18 @@
 // steps/s and the ETA. Data arrive live over the websocket (custom event "lipschitz.progress",
 // sent by nodes/host/progress.py to the client that queued the prompt). After a browser reload, or a
 // websocket reconnect, the chart refills from the read-only route GET /lipschitz/status.
+// Previews (event "lipschitz.preview", every preview_every steps): the latest images of the preview
+// prompts beside the base model's images of the same prompts and seeds, under the chart, and the
+// drift (RMS pixel distance of the token-less prompts' images from the base's) as a fourth panel.
 //
 // Events and the status route name a node by its execution id: its plain id for a node of the
 // root graph, "<instance id>:...:<node id>" for a node inside subgraph instances. A chart shows
 // the run of one of its node's execution ids, the most recently updated one (a subgraph used
 // twice has one inner node and two execution ids); a root node never shows an inner node's run.
 //
-// Debug / test hook: window.__lipschitzChart[executionId] = {points, step, total, state, live}
-// (points: drawn per series; live: websocket events this page received for that id); the
+// Debug / test hook: window.__lipschitzChart[executionId] = {points, step, total, state, live,
+// preview: {step, images, drift}} (points: drawn per step series; live: websocket events this page
+// received for that id; preview: the step of the images shown, how many, drift points drawn); the
 // widget's root element also carries data-points / data-node (the execution id drawn).
 // No external libraries: plain canvas 2D.
 import { app } from "../../scripts/app.js";
@@ -21,15 +25,19 @@ import { api } from "../../scripts/api.js";
 const EXTENSION = "lipschitz.personalize.chart";
 const NODE_CLASS = "LipschitzPersonalize";
 const EVENT = "lipschitz.progress";
+const PREVIEW_EVENT = "lipschitz.preview";
 const STATUS_ROUTE = "/lipschitz/status";
 const MAX_POINTS = 5000; // same bound as the server's history (nodes/progress.py HISTORY)
 const SERIES = [
   { key: "denoise", label: "denoise loss", color: "#4fc3f7" },
   { key: "lip", label: "L_lip", color: "#ffb74d" },
   { key: "delta_norm", label: "||delta||", color: "#81c784" },
+  { key: "drift", label: "drift (pixels vs base)", color: "#e57373", preview: true },
 ];
+const GALLERY_HEIGHT = 130; // px under the chart once a run has previews
 
 const runs = new Map(); // execution id -> {total, lambda, state, seen, events: [payload...]}
+const previews = new Map(); // execution id -> {step, prompts, images, base, drift: [[step, value]...]}
 const live = new Map(); // execution id -> number of websocket events received by this page
 const charts = new Set(); // live Chart objects (one per LipschitzPersonalize node on the canvas)
 const debug = (window.__lipschitzChart = window.__lipschitzChart || {});
@@ -61,8 +69,21 @@ function onProgress(d) {
   redraw(id);
 }
 
+function onPreview(d) {
+  if (!d || d.node === undefined || d.node === null) return;
+  const id = String(d.node);
+  live.set(id, (live.get(id) || 0) + 1);
+  const have = previews.get(id);
+  // The base's images come first (at the run's first step): a step that does not advance is a new run.
+  const drift = have && d.step > have.step ? have.drift : [];
+  previews.set(id, { ...d, drift: drift.concat([[d.step, d.drift]]) });
+  redraw(id);
+}
+
 // Merge a server snapshot (authoritative up to its last step) with live events received since.
 function mergeRun(id, snap) {
+  const shown = previews.get(id);
+  if (snap && snap.previews && (!shown || snap.previews.step >= shown.step)) previews.set(id, snap.previews);
   if (!snap || !Array.isArray(snap.events)) return;
   const have = runs.get(id);
   if (!snap.events.length && have && have.events.length) return;
@@ -170,7 +191,14 @@ class Chart {
       whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis",
     });
     this.info.textContent = "waiting for training steps";
-    this.root.append(this.canvas, this.info);
+    this.gallery = document.createElement("div");
+    this.gallery.className = "lipschitz-preview";
+    Object.assign(this.gallery.style, {
+      flex: "0 0 auto", display: "none", gap: "8px", padding: "2px 6px 4px", overflowX: "auto",
+      font: "10px monospace", color: "#aaa",
+    });
+    this.shown = null; // the preview whose images the gallery holds
+    this.root.append(this.canvas, this.gallery, this.info);
     if (window.ResizeObserver) {
       this.observer = new ResizeObserver(() => this.schedule());
       this.observer.observe(this.canvas);
@@ -201,6 +229,48 @@ class Chart {
     });
   }
 
+  hasPreview() {
+    const id = this.currentId();
+    return id !== null && previews.has(id);
+  }
+
+  // One column per preview prompt: the base's image and the latest preview's, with the step.
+  fillGallery(preview) {
+    if (this.shown === preview) return;
+    this.shown = preview;
+    this.gallery.replaceChildren();
+    this.gallery.style.display = preview ? "flex" : "none";
+    if (!preview) return;
+    const figure = (src, kind, caption) => {
+      const box = document.createElement("figure");
+      Object.assign(box.style, { margin: "0", textAlign: "center" });
+      const img = document.createElement("img");
+      img.src = src;
+      img.className = "lipschitz-preview-image";
+      img.dataset.kind = kind;
+      img.dataset.step = String(kind === "base" ? 0 : preview.step);
+      Object.assign(img.style, { height: "96px", width: "96px", objectFit: "contain", display: "block" });
+      const label = document.createElement("figcaption");
+      label.textContent = caption;
+      box.append(img, label);
+      return box;
+    };
+    preview.prompts.forEach((prompt, i) => {
+      const column = document.createElement("div");
+      column.title = prompt;
+      const pair = document.createElement("div");
+      Object.assign(pair.style, { display: "flex", gap: "2px" });
+      pair.append(figure(preview.base[i], "base", "base"), figure(preview.images[i], "current", `step ${preview.step}`));
+      const text = document.createElement("div");
+      Object.assign(text.style, { maxWidth: "194px", overflow: "hidden", textOverflow: "ellipsis", whiteSpace: "nowrap" });
+      text.textContent = prompt;
+      column.append(pair, text);
+      this.gallery.append(column);
+    });
+    const min = this.node.computeSize();
+    if (this.node.size[1] < min[1]) this.node.setSize([this.node.size[0], min[1]]);
+  }
+
   dispose() {
     this.observer?.disconnect();
     charts.delete(this);
@@ -210,6 +280,8 @@ class Chart {
     const id = this.currentId();
     const run = id === null ? undefined : runs.get(id);
     const events = run ? run.events : [];
+    const preview = id === null ? undefined : previews.get(id);
+    this.fillGallery(preview ?? null);
     const dpr = window.devicePixelRatio || 1;
     // A hidden widget (node off screen) has no layout size: keep drawing into the last size.
     const cssW = this.canvas.clientWidth || this.cssW || 320;
@@ -224,7 +296,7 @@ class Chart {
     ctx.fillStyle = "#181818";
     ctx.fillRect(0, 0, cssW, cssH);
 
-    const first = events.length ? events[0].step : 1;
+    const first = Math.min(events.length ? events[0].step : 1, preview?.drift.length ? preview.drift[0][0] : Infinity);
     const total = Math.max(run ? run.total || 0 : 0, lastStep(run), first + 1);
     const pad = { l: 6, r: 6, t: 4, b: 2 };
     const labelH = 13;
@@ -245,9 +317,9 @@ class Chart {
       ctx.strokeRect(pad.l + 0.5, plotTop + 0.5, cssW - pad.l - pad.r - 1, plotH);
 
       const pts = [];
-      for (const e of events) {
-        const v = e[s.key];
-        if (typeof v === "number" && Number.isFinite(v)) pts.push([e.step, v]);
+      const values = s.preview ? (preview?.drift ?? []) : events.map((e) => [e.step, e[s.key]]);
+      for (const [st, v] of values) {
+        if (typeof v === "number" && Number.isFinite(v)) pts.push([st, v]);
       }
       let lo = Infinity;
       let hi = -Infinity;
@@ -272,7 +344,7 @@ class Chart {
           for (const [st, v] of pts) ctx.fillRect(xOf(st) - 1.5, yOf(v) - 1.5, 3, 3);
         }
       }
-      drawn = i === 0 ? pts.length : Math.min(drawn, pts.length);
+      if (!s.preview) drawn = i === 0 ? pts.length : Math.min(drawn, pts.length);
 
       ctx.fillStyle = s.color;
       const last = pts.length ? pts[pts.length - 1][1] : null;
@@ -296,7 +368,9 @@ class Chart {
     this.root.dataset.node = id ?? "";
     if (id === null) return; // a subgraph's node with no instance in the graph: it never runs
     debug[id] = { points: drawn, step: e ? e.step : 0, total: run ? run.total : 0,
-                  state: run ? run.state : "idle", live: live.get(id) || 0 };
+                  state: run ? run.state : "idle", live: live.get(id) || 0,
+                  preview: { step: preview ? preview.step : null, images: preview ? preview.images.length : 0,
+                             drift: preview ? preview.drift.filter(([, v]) => Number.isFinite(v)).length : 0 } };
   }
 }
 
@@ -307,7 +381,7 @@ function attachChart(node) {
     hideOnZoom: false,
     getValue: () => undefined,
     setValue: () => {},
-    getMinHeight: () => 220,
+    getMinHeight: () => 220 + (chart.hasPreview() ? GALLERY_HEIGHT : 0),
   });
   widget.serialize = false; // ... and out of the workflow's widgets_values
   charts.add(chart);
@@ -332,6 +406,7 @@ if (!window.__lipschitzChartExtension) {
     name: EXTENSION,
     async setup() {
       api.addEventListener(EVENT, (ev) => onProgress(ev.detail));
+      api.addEventListener(PREVIEW_EVENT, (ev) => onPreview(ev.detail));
       api.addEventListener("reconnected", () => refill());
       await refill();
     },

@@ -13,6 +13,7 @@ import comfy.utils
 from server import PromptServer
 
 EVENT = "lipschitz.progress"
+PREVIEW_EVENT = "lipschitz.preview"
 HISTORY = 5000
 
 _lock = threading.Lock()
@@ -43,9 +44,11 @@ class NodeProgress:
         self.total = total
         self.lam = lam
         self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        self.note: str | None = None
+        """A line every step's text repeats (e.g. why the previews are off)."""
         with _lock:
             _runs[self.node_id] = {"node": self.node_id, "total": total, "lambda": lam,
-                                   "state": "running", "events": deque(maxlen=HISTORY)}
+                                   "state": "running", "events": deque(maxlen=HISTORY), "previews": None}
 
     def text(self, message: str) -> None:
         send_text(self.node_id, message)
@@ -62,8 +65,24 @@ class NodeProgress:
             server.send_sync(EVENT, payload, server.client_id)
         self.text(f"step {event['step']}/{self.total}  denoise {event['denoise']:.4f}  "
                   f"L_lip {event['lip']:.3e}  |delta| {event['delta_norm']:.4f}  "
-                  f"{event['steps_per_s']:.2f} it/s  ETA {_format_eta(event['eta_s'])}")
+                  f"{event['steps_per_s']:.2f} it/s  ETA {_format_eta(event['eta_s'])}"
+                  + (f"\n{self.note}" if self.note else ""))
         self.bar.update_absolute(event["step"])
+
+    def preview(self, step: int, prompts: list[str], images: list[str], base: list[str], drift: float | None) -> None:
+        """Send one preview (PNG data URLs per prompt, the base's beside them, the drift) to the
+        queuing client's chart; the latest one, the base's and every drift value are kept for
+        the status route, so the panel survives a reload."""
+        payload = {"node": self.node_id, "step": step, "drift": drift, "prompts": prompts, "images": images,
+                   "base": base}
+        with _lock:
+            run = _runs[self.node_id]
+            run["previews"] = {**payload, "drift": (run["previews"] or {}).get("drift", []) + [[step, drift]]}
+        server = PromptServer.instance
+        if server is not None:
+            server.send_sync(PREVIEW_EVENT, payload, server.client_id)
+        self.text(f"preview at step {step}/{self.total}" + ("" if drift is None else f": drift {drift:.4f} "
+                                                               "(RMS pixel distance from the base's image)"))
 
     def finish(self, state: str) -> None:
         with _lock:
@@ -74,6 +93,7 @@ class NodeProgress:
 def snapshot(node_id: str | None = None) -> dict[str, Any]:
     """Copy of the recorded progress, for the status route."""
     with _lock:
-        runs = {k: {**v, "events": list(v["events"])} for k, v in _runs.items()
+        runs = {k: {**v, "events": list(v["events"]), "previews": v["previews"] and {**v["previews"]}}
+                for k, v in _runs.items()
                 if node_id is None or k == node_id}
     return runs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -25,8 +25,9 @@ from ...trainer.errors import NodeInputError
 from ...trainer.files.delta_file import (DEFAULT_DELTA_DTYPE, DELTA_DTYPES, TrainedDelta, file_nbytes, load_delta_file,
                                          moment_format, run_key, save_delta_file, trainer_state)
 from ...trainer.loop import CachedExamples, RegularizedTrainer
-from ...trainer.memory import MODES, ORDER, configure, estimate, preflight
+from ...trainer.memory import MODES, ORDER, Estimate, between_steps, configure, estimate, preflight
 from ...trainer.metrics import TrainingLog
+from ...trainer.preview import DEFAULT_SAMPLER_STEPS, DEFAULT_SIZE, PreviewSettings, parse_prompts
 from ...trainer.render.images import resize_batch
 from .anchor import Anchor, choose_anchor, read_anchor, require_addable
 from .attention import attention_note
@@ -35,6 +36,7 @@ from .folders import auto_path, evict_auto, gb, mark_used, partial_path
 from .model import (LoadedUNet, TrainingMemory, alphas_cumprod, checkpoint_units, fingerprint, load_for_training,
                     require_sd15, trainable, training_memory)
 from .patches import patched_model, require_sampling, sampling_note
+from .preview import PreviewMemory, Previewer
 from .progress import NodeProgress
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,17 @@ class RunSpec:
     graph: dict | None = None
     """The prompt graph (ComfyUI's hidden PROMPT): where the model input was loaded from."""
     sampling: str = "patch"
+    preview_every: int = 0
+    """Training steps between previews (0: none)."""
+    preview_prompts: str = ""
+    """One prompt per line; empty: the instance prompt and the same prompt without its token."""
+    preview_steps: int = DEFAULT_SAMPLER_STEPS
+    preview_size: int = DEFAULT_SIZE
+
+    def preview(self) -> PreviewSettings:
+        """What to preview (seeded with the run's seed: the same run shows the same previews)."""
+        return PreviewSettings(self.preview_every, parse_prompts(self.preview_prompts, self.prompt, self.class_prompt),
+                               self.preview_steps, self.preview_size, self.config.seed)
 
     def validate(self) -> None:
         """Every input, before any work; the error names the node input and the fix."""
@@ -78,6 +91,11 @@ class RunSpec:
             raise NodeInputError("delta_dtype", f"unknown dtype {self.delta_dtype!r}",
                                  f"Use one of {', '.join(DELTA_DTYPES)} (fp16 halves the file of fp32)")
         require_sampling(self.sampling)
+        if self.preview_every < 0:
+            raise NodeInputError("preview_every", f"{self.preview_every} is negative", "Use 0 (no preview) or a step count")
+        if self.preview_size % 8 or self.preview_size < 64:
+            raise NodeInputError("preview_size", f"{self.preview_size} px is not a multiple of 8 of at least 64",
+                                 "Use e.g. 256 or 512")
         if self.class_images is not None and not (self.class_prompt and self.class_prompt.strip()):
             raise NodeInputError("class_prompt", "class images are connected but the class prompt is empty",
                                  'Write the class prompt, e.g. "a photo of a dog"')
@@ -89,7 +107,7 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     spec.validate()
     memory = training_memory(spec.model)
     anchors = _anchors(spec, node_id)
-    mode, plan = _memory_plan(spec, memory, anchors)  # before any work: encoding, loading, delta, Adam state
+    mode, plan, need = _memory_plan(spec, memory, anchors)  # before any work: encoding, loading, delta, Adam state
     anchor = anchors[MODES[mode].anchor]
     require_addable(anchor, mode)
     base, dynamic_note = trainable(spec.model)
@@ -109,6 +127,9 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     if class_images is not None:
         prior = (encode_images(spec.vae, spec.model, class_images, config.seed + 1),
                  encode_prompt(spec.clip, spec.class_prompt)[0])
+    # The preview's prompts are encoded before the U-Net is loaded for training: loading CLIP
+    # later could push the training's model off a GPU.
+    previewer = Previewer(spec.preview(), spec.clip, spec.vae, progress) if spec.preview_every > 0 else None
     loaded = load_for_training(base, COMPUTE_DTYPES[config.precision], weights_needed=anchor.file is None)
     base_id = fingerprint(loaded.unet)
     key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
@@ -137,6 +158,10 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
                                  TrainingLog(label, config.lam), progress, spec.delta_dtype)
             if spec.resume:
                 training.resume()
+        if previewer is not None:
+            room = PreviewMemory(between_steps(need, memory.free), weights_resident=anchor.file is None)
+            progress.note = previewer.start(loaded.patcher, training.trainer.step_count, config.steps, room)
+            training.after_step = previewer
         delta, training_log = training.run()
     note = sampling_note(spec.model, delta.tensors, 1.0, spec.sampling)
     if note:
@@ -186,9 +211,9 @@ def _anchors(spec: RunSpec, node_id: str) -> dict[str, Anchor]:
 
 
 def _memory_plan(spec: RunSpec, memory: TrainingMemory, anchors: dict[str, Anchor]
-                 ) -> tuple[str, str]:
+                 ) -> tuple[str, str, Estimate]:
     """The pre-flight check (:func:`trainer.memory.preflight`), before any work: ``(mode, the
-    text that says which mode, why and what the anchor is)``."""
+    text that says which mode, why and what the anchor is, the mode's estimate)``."""
     c = spec.config
     needs = {}
     for m in ORDER:
@@ -199,7 +224,8 @@ def _memory_plan(spec: RunSpec, memory: TrainingMemory, anchors: dict[str, Ancho
     except ConfigError as exc:
         raise NodeInputError("memory", exc.problem, exc.fix) from None
     anchor = anchors[MODES[mode].anchor]
-    return mode, f"memory: {mode} ({why}); anchor theta0 in {anchor.name} {anchor.why}; {MODES[mode].changes}"
+    return (mode, f"memory: {mode} ({why}); anchor theta0 in {anchor.name} {anchor.why}; {MODES[mode].changes}",
+            needs[mode])
 
 
 class _Training:
@@ -210,6 +236,8 @@ class _Training:
         self.trainer, self.key, self.meta, self.log, self.progress = trainer, key, meta, training_log, progress
         self.delta_dtype = delta_dtype
         self.partial = partial_path(key)
+        self.after_step: Callable[[int], None] = lambda step: None
+        """Work between steps once a step is reported (the previews), in the training's thread."""
 
     def run(self) -> tuple[TrainedDelta, TrainingLog]:
         start_step = self.trainer.step_count
@@ -260,6 +288,7 @@ class _Training:
     def _relay(self, metrics) -> None:
         self.log.add(metrics)
         self.progress.step(metrics)
+        self.after_step(metrics.step)
 
     def _save(self, path, status: str) -> TrainedDelta:
         """Write the delta in the run's dtype (plus the resume state of a stopped run); the

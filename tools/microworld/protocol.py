@@ -82,7 +82,7 @@ def install(server, ckpt: Path | None = None) -> None:
 def personalize(lam: float, seed: int = TRAIN_SEED, **overrides) -> dict:
     """``LipschitzPersonalize`` inputs for the subject with the world's schedule."""
     return {"prompt": SUBJECT_PROMPT, "lambda_reg": float(lam), "steps": STEPS, "learning_rate": LR,
-            "seed": seed, "resolution": RES, **overrides}
+            "seed": seed, "resolution": RES, "preview_every": 0, **overrides}  # measured, not watched: no previews
 
 
 def dreambooth(seed: int = TRAIN_SEED, **overrides) -> dict:
