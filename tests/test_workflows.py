@@ -134,6 +134,67 @@ def test_bypassed_nodes_pass_through_and_muted_nodes_drop_out():
     assert "model" not in api["5"]["inputs"]              # its source is muted
 
 
+def _subgraph(sid: str, nodes: list, links: list, inputs: list[str], outputs: list[str]) -> dict:
+    """A subgraph definition as the frontend saves it (links as objects; -10 / -20 the I/O nodes)."""
+    return {"id": sid, "name": sid, "nodes": nodes,
+            "links": [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
+                      for link in links],
+            "inputs": [{"name": t.lower(), "type": t} for t in inputs],
+            "outputs": [{"name": t.lower(), "type": t} for t in outputs]}
+
+
+def _instance(nid: int, sid: str, links: list, mode: int = 0, widget: bool = False) -> dict:
+    return {"id": nid, "type": sid, "mode": mode, "widgets_values": [],
+            "inputs": [{"name": "model", "type": "MODEL", "link": link, **({"widget": {"name": "model"}} if widget else {})}
+                       for link in links],
+            "outputs": [{"name": "model", "type": "MODEL", "links": []}]}
+
+
+# "tune": MODEL -> Trainer -> MODEL. "twice": MODEL -> tune -> tune -> MODEL (nested instances).
+TUNE = _subgraph("tune-id", [_node(2, "Trainer", [5, "fixed", True, "a", 0], [("model", "MODEL", 1, False)])],
+                 [[1, -10, 0, 2, 0, "MODEL"], [2, 2, 0, -20, 0, "MODEL"]], ["MODEL"], ["MODEL"])
+TWICE = _subgraph("twice-id", [_instance(3, "tune-id", [1]), _instance(4, "tune-id", [2])],
+                  [[1, -10, 0, 3, 0, "MODEL"], [2, 3, 0, 4, 0, "MODEL"], [3, 4, 0, -20, 0, "MODEL"]], ["MODEL"], ["MODEL"])
+
+
+def test_subgraphs_are_flattened_with_the_frontends_ids():
+    """Each instance runs its own copy of the inner nodes, named "<instance>:<inner id>" (nested:
+    the whole instance path); links cross the subgraph's input and output nodes."""
+    wf = {"nodes": [_node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+                    _instance(50, "tune-id", [1]), _instance(60, "twice-id", [2]),
+                    _node(7, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 3, False)]),
+                    _node(8, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 4, False)])],
+          "links": [[1, 1, 0, 50, 0, "MODEL"], [2, 50, 0, 60, 0, "MODEL"], [3, 50, 0, 7, 0, "MODEL"],
+                    [4, 60, 0, 8, 0, "MODEL"]],
+          "definitions": {"subgraphs": [TUNE, TWICE]}}
+    api = convert(wf, INFO)
+    assert set(api) == {"1", "50:2", "60:3:2", "60:4:2", "7", "8"}
+    assert api["50:2"]["inputs"] == {"seed": 5, "flag": True, "mode": "a", "noise_seed": 0, "model": ["1", 0]}
+    assert api["60:3:2"]["inputs"]["model"] == ["50:2", 0]     # into a nested instance, from a sibling's output
+    assert api["60:4:2"]["inputs"]["model"] == ["60:3:2", 0]   # between two nested instances
+    assert api["7"]["inputs"]["model"] == ["50:2", 0]
+    assert api["8"]["inputs"]["model"] == ["60:4:2", 0]        # out of a nested instance
+
+
+def test_bypassed_and_muted_subgraphs_and_promoted_widgets():
+    wf = {"nodes": [_node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+                    _instance(50, "tune-id", [1], mode=4), _instance(60, "tune-id", [1], mode=2),
+                    _node(7, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 3, False)]),
+                    _node(8, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 4, False)])],
+          "links": [[1, 1, 0, 50, 0, "MODEL"], [2, 1, 0, 60, 0, "MODEL"], [3, 50, 0, 7, 0, "MODEL"],
+                    [4, 60, 0, 8, 0, "MODEL"]],
+          "definitions": {"subgraphs": [TUNE]}}
+    api = convert(wf, INFO)
+    assert set(api) == {"1", "7", "8"}                    # neither instance runs its inner node
+    assert api["7"]["inputs"]["model"] == ["1", 0]        # through the bypassed instance
+    assert "model" not in api["8"]["inputs"]              # its source is muted
+    promoted = {"nodes": [_instance(50, "tune-id", [None], widget=True),
+                          _node(7, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 1, False)])],
+                "links": [[1, 50, 0, 7, 0, "MODEL"]], "definitions": {"subgraphs": [TUNE]}}
+    with pytest.raises(WorkflowConversionError, match="promoted widget 'model'"):
+        convert(promoted, INFO)
+
+
 def test_widget_count_mismatch_is_an_error_naming_the_node():
     wf = {"nodes": [_node(9, "KSampler", [1, 2, 7.5, "euler", "normal", 1.0])], "links": []}  # no control value
     with pytest.raises(WorkflowConversionError, match="node 9 \\(KSampler\\)"):
