@@ -22,9 +22,11 @@ This module reproduces the parts of it that matter for the pack's graphs:
   id joined by ``:`` (``"50:43"``, nested ``"50:7:43"``, the id the server reports it under); a
   link from the subgraph's input node (id -10) is the instance's input link, followed one
   level up; a link to an instance's output is followed to what feeds the subgraph's output node
-  (id -20) at that slot. A bypassed instance passes its inputs through like any bypassed node;
-  a muted or bypassed instance's inner nodes are left out. A promoted widget (an instance input
-  with no link that sets an inner widget) is refused: the shipped files link such inputs;
+  (id -20) at that slot. A bypassed instance passes its inputs through like any bypassed node
+  (1.32.9's ``resolveOutput`` does); a muted or bypassed instance's inner nodes are left out,
+  what muting an instance means to a user (1.32.9's DTOs read only each inner node's own mode:
+  not checked by running). A promoted widget (an instance input with no link that sets an inner
+  widget) is refused: the shipped files link such inputs;
 * UI-only nodes (``Note``, ``MarkdownNote``, ``PrimitiveNode``, ``Reroute``) are dropped;
   muted nodes (mode 2) are left out together with the inputs they fed; bypassed nodes
   (mode 4) are left out and their consumers get the bypassed node's input of the same type
