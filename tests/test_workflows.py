@@ -199,8 +199,10 @@ def test_bypassed_and_muted_subgraphs_and_promoted_widgets():
 def _chains_workflow(seed_b: int = 1) -> dict:
     """A checkpoint, two copies of train -> sample (each sampling from its own checkpoint) and
     a consumer of each copy's sample."""
-    sampler = lambda nid, seed, links: _node(nid, "KSampler", [seed, "fixed", 2, 7.5, "euler", "normal", 1.0],  # noqa: E731
-                                             [("model", "MODEL", links[0], False), ("positive", "CONDITIONING", links[1], False)])
+    def sampler(nid: int, seed: int, links: tuple[int, int]) -> dict:
+        return _node(nid, "KSampler", [seed, "fixed", 2, 7.5, "euler", "normal", 1.0],
+                     [("model", "MODEL", links[0], False), ("positive", "CONDITIONING", links[1], False)])
+
     return {"last_node_id": 9, "last_link_id": 8, "nodes": [
         _node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
         _node(8, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
@@ -225,10 +227,13 @@ def test_folding_repeated_chains_into_a_subgraph_keeps_the_prompt():
     assert len(instances) == 2 and len(folded["nodes"]) == len(wf["nodes"]) - 2
     names = {f"{inst}:{inner}": str(orig) for inst, group in zip(instances, ([2, 3], [4, 5]))
              for inner, orig in zip((2, 3), group)}
-    canon = lambda api: {names.get(k, k): {  # noqa: E731
-        "class_type": v["class_type"],
-        "inputs": {n: [names.get(x[0], x[0]), x[1]] if isinstance(x, list) else x for n, x in v["inputs"].items()}}
-        for k, v in api.items()}
+
+    def canon(api: dict) -> dict:
+        """The prompt under the unfolded ids, without titles."""
+        return {names.get(k, k): {"class_type": v["class_type"], "inputs": {
+            n: [names.get(x[0], x[0]), x[1]] if isinstance(x, list) else x for n, x in v["inputs"].items()}}
+            for k, v in api.items()}
+
     assert canon(convert(folded, INFO)) == canon(convert(wf, INFO))
     with pytest.raises(FoldError, match="node 5 \\(KSampler\\) is not a copy of node 3"):
         fold(_chains_workflow(seed_b=2), [[2, 3], [4, 5]], "train and sample")
