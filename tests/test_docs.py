@@ -25,7 +25,7 @@ def test_every_block_is_present_and_filled():
                      "performance.md": {"perf-summary", "perf-options", "perf-fullsize", "perf-ops", "perf-peaks", "perf-gpu"},
                      "method.md": {"toy-table"},
                      "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"},
-                     "lora.md": {"lora-table", "lora-fullsize"},
+                     "lora.md": {"lora-table", "lora-microworld", "lora-fullsize"},
                      "microworld.md": {"microworld-accuracy", "microworld-sweep"}}
     for doc in render_docs.DOCS:
         for m in render_docs.BLOCK.finditer(doc.read_text()):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from lipschitz_personalize.trainer.render import grid
 from tools.comfy_server import PACK_DIR_NAME
+from tools.fold_subgraph import FoldError, fold
 from tools.graphs import CKPT, install_subject
 from tools.make_tiny_encoders import ensure, stand_in
 from tools.workflow_convert import (WorkflowConversionError, apply_overrides, convert, output_nodes,
@@ -65,7 +66,7 @@ INFO = {
 
 
 def _node(nid, kind, widgets=(), inputs=(), mode=0, outputs=1):
-    return {"id": nid, "type": kind, "mode": mode, "widgets_values": list(widgets),
+    return {"id": nid, "type": kind, "mode": mode, "pos": [100 * nid, 0], "size": [90, 60], "widgets_values": list(widgets),
             "inputs": [{"name": n, "type": t, "link": l, **({"widget": {"name": n}} if w else {})}
                        for n, t, l, w in inputs],
             "outputs": [{"name": "out", "type": "MODEL", "links": []} for _ in range(outputs)]}
@@ -132,6 +133,110 @@ def test_bypassed_nodes_pass_through_and_muted_nodes_drop_out():
     assert set(api) == {"1", "3", "5"}
     assert api["3"]["inputs"]["model"] == ["1", 0]       # through the bypassed node
     assert "model" not in api["5"]["inputs"]              # its source is muted
+
+
+def _subgraph(sid: str, nodes: list, links: list, inputs: list[str], outputs: list[str]) -> dict:
+    """A subgraph definition as the frontend saves it (links as objects; -10 / -20 the I/O nodes)."""
+    return {"id": sid, "name": sid, "nodes": nodes,
+            "links": [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
+                      for link in links],
+            "inputs": [{"name": t.lower(), "type": t} for t in inputs],
+            "outputs": [{"name": t.lower(), "type": t} for t in outputs]}
+
+
+def _instance(nid: int, sid: str, links: list, mode: int = 0, widget: bool = False) -> dict:
+    return {"id": nid, "type": sid, "mode": mode, "widgets_values": [],
+            "inputs": [{"name": "model", "type": "MODEL", "link": link, **({"widget": {"name": "model"}} if widget else {})}
+                       for link in links],
+            "outputs": [{"name": "model", "type": "MODEL", "links": []}]}
+
+
+# "tune": MODEL -> Trainer -> MODEL. "twice": MODEL -> tune -> tune -> MODEL (nested instances).
+TUNE = _subgraph("tune-id", [_node(2, "Trainer", [5, "fixed", True, "a", 0], [("model", "MODEL", 1, False)])],
+                 [[1, -10, 0, 2, 0, "MODEL"], [2, 2, 0, -20, 0, "MODEL"]], ["MODEL"], ["MODEL"])
+TWICE = _subgraph("twice-id", [_instance(3, "tune-id", [1]), _instance(4, "tune-id", [2])],
+                  [[1, -10, 0, 3, 0, "MODEL"], [2, 3, 0, 4, 0, "MODEL"], [3, 4, 0, -20, 0, "MODEL"]], ["MODEL"], ["MODEL"])
+
+
+def test_subgraphs_are_flattened_with_the_frontends_ids():
+    """Each instance runs its own copy of the inner nodes, named "<instance>:<inner id>" (nested:
+    the whole instance path); links cross the subgraph's input and output nodes."""
+    wf = {"nodes": [_node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+                    _instance(50, "tune-id", [1]), _instance(60, "twice-id", [2]),
+                    _node(7, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 3, False)]),
+                    _node(8, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 4, False)])],
+          "links": [[1, 1, 0, 50, 0, "MODEL"], [2, 50, 0, 60, 0, "MODEL"], [3, 50, 0, 7, 0, "MODEL"],
+                    [4, 60, 0, 8, 0, "MODEL"]],
+          "definitions": {"subgraphs": [TUNE, TWICE]}}
+    api = convert(wf, INFO)
+    assert set(api) == {"1", "50:2", "60:3:2", "60:4:2", "7", "8"}
+    assert api["50:2"]["inputs"] == {"seed": 5, "flag": True, "mode": "a", "noise_seed": 0, "model": ["1", 0]}
+    assert api["60:3:2"]["inputs"]["model"] == ["50:2", 0]     # into a nested instance, from a sibling's output
+    assert api["60:4:2"]["inputs"]["model"] == ["60:3:2", 0]   # between two nested instances
+    assert api["7"]["inputs"]["model"] == ["50:2", 0]
+    assert api["8"]["inputs"]["model"] == ["60:4:2", 0]        # out of a nested instance
+
+
+def test_bypassed_and_muted_subgraphs_and_promoted_widgets():
+    wf = {"nodes": [_node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+                    _instance(50, "tune-id", [1], mode=4), _instance(60, "tune-id", [1], mode=2),
+                    _node(7, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 3, False)]),
+                    _node(8, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 4, False)])],
+          "links": [[1, 1, 0, 50, 0, "MODEL"], [2, 1, 0, 60, 0, "MODEL"], [3, 50, 0, 7, 0, "MODEL"],
+                    [4, 60, 0, 8, 0, "MODEL"]],
+          "definitions": {"subgraphs": [TUNE]}}
+    api = convert(wf, INFO)
+    assert set(api) == {"1", "7", "8"}                    # neither instance runs its inner node
+    assert api["7"]["inputs"]["model"] == ["1", 0]        # through the bypassed instance
+    assert "model" not in api["8"]["inputs"]              # its source is muted
+    promoted = {"nodes": [_instance(50, "tune-id", [None], widget=True),
+                          _node(7, "KSampler", [1, "fixed", 2, 7.5, "euler", "normal", 1.0], [("model", "MODEL", 1, False)])],
+                "links": [[1, 50, 0, 7, 0, "MODEL"]], "definitions": {"subgraphs": [TUNE]}}
+    with pytest.raises(WorkflowConversionError, match="promoted widget 'model'"):
+        convert(promoted, INFO)
+
+
+def _chains_workflow(seed_b: int = 1) -> dict:
+    """A checkpoint, two copies of train -> sample (each sampling from its own checkpoint) and
+    a consumer of each copy's sample."""
+    def sampler(nid: int, seed: int, links: tuple[int, int]) -> dict:
+        return _node(nid, "KSampler", [seed, "fixed", 2, 7.5, "euler", "normal", 1.0],
+                     [("model", "MODEL", links[0], False), ("positive", "CONDITIONING", links[1], False)])
+
+    return {"last_node_id": 9, "last_link_id": 8, "nodes": [
+        _node(1, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+        _node(8, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+        _node(9, "CheckpointLoaderSimple", ["a.safetensors"], outputs=3),
+        _node(2, "Trainer", [5, "fixed", True, "a", 0], [("model", "MODEL", 1, False)]), sampler(3, 1, (2, 3)),
+        _node(4, "Trainer", [5, "fixed", True, "a", 0], [("model", "MODEL", 4, False)]), sampler(5, seed_b, (5, 6)),
+        _node(6, "Trainer", [5, "fixed", True, "a", 0], [("model", "MODEL", 7, False)]),
+        _node(7, "Trainer", [5, "fixed", True, "a", 0], [("model", "MODEL", 8, False)])],
+        "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 8, 1, 3, 1, "CONDITIONING"],
+                  [4, 1, 0, 4, 0, "MODEL"], [5, 4, 0, 5, 0, "MODEL"], [6, 9, 1, 5, 1, "CONDITIONING"],
+                  [7, 3, 0, 6, 0, "MODEL"], [8, 5, 0, 7, 0, "MODEL"]]}
+
+
+def test_folding_repeated_chains_into_a_subgraph_keeps_the_prompt():
+    """Folded, each copy is an instance of one subgraph; the frontend's flattening gives the
+    unfolded workflow's prompt back, under the instances' ids."""
+    wf = _chains_workflow()
+    folded = fold(wf, [[2, 3], [4, 5]], "train and sample", inner_title=str.upper)
+    (sub,) = folded["definitions"]["subgraphs"]
+    assert [i["name"] for i in sub["inputs"]] == ["model", "positive"] and len(sub["outputs"]) == 1
+    instances = [n["id"] for n in folded["nodes"] if n["type"] == sub["id"]]
+    assert len(instances) == 2 and len(folded["nodes"]) == len(wf["nodes"]) - 2
+    names = {f"{inst}:{inner}": str(orig) for inst, group in zip(instances, ([2, 3], [4, 5]))
+             for inner, orig in zip((2, 3), group)}
+
+    def canon(api: dict) -> dict:
+        """The prompt under the unfolded ids, without titles."""
+        return {names.get(k, k): {"class_type": v["class_type"], "inputs": {
+            n: [names.get(x[0], x[0]), x[1]] if isinstance(x, list) else x for n, x in v["inputs"].items()}}
+            for k, v in api.items()}
+
+    assert canon(convert(folded, INFO)) == canon(convert(wf, INFO))
+    with pytest.raises(FoldError, match="node 5 \\(KSampler\\) is not a copy of node 3"):
+        fold(_chains_workflow(seed_b=2), [[2, 3], [4, 5]], "train and sample")
 
 
 def test_widget_count_mismatch_is_an_error_naming_the_node():

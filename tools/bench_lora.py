@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Export as LoRA, measured: file size and error by rank on a trained delta, and the full-size SVD time.
+"""Export as LoRA, measured: size and error by rank on trained deltas, what the LoRAs draw on the micro-world, the full-size SVD time.
 
     python tools/bench_lora.py                    # writes docs/lora.json; tools/render_docs.py renders docs/lora.md
-    python tools/bench_lora.py --only trained     # or --only fullsize: one section, the other kept from --out
+    python tools/bench_lora.py --only trained     # or microworld, or fullsize: one section, the others kept from --out
 
 **Trained delta.** The tiny test U-Net (``tools/bench_models.py`` ``SD15_TINY``, random seeded
 weights) trains ``--steps`` steps at the paper's settings (lambda 500, Adam lr 2e-6, batch 1) on
@@ -11,6 +11,14 @@ random 8x8 latents; its delta, in fp16 as the delta file stores it, is exported 
 the written file's size and ``||delta - LoRA||_F / ||delta||_F`` over the whole delta.  From the
 singular values of every weight: the smallest rank (the same for every weight) whose LoRA keeps
 95% of the delta's Frobenius norm (``||LoRA|| >= 0.95 ||delta||``).
+**Micro-world** (docs/microworld.md; ``make microworld`` builds the checkpoint). Through a real
+ComfyUI server, per seed k (0, 1, 2: trains and samples with k, as ``tools/microworld/sweep.py``
+does): ``LipschitzPersonalize`` trains the subject at lambda 500 with the world's schedule
+(``protocol.py``), ``LipschitzExtractLoRA`` exports its delta at the same ranks (biases and norms
+dropped) and ``LipschitzSaveDelta`` writes the delta; each LoRA, loaded by stock
+``LoraLoaderModelOnly`` on the base, is measured by the protocol (subject fidelity CLIP-I, drift,
+concepts drawn as asked) next to the full delta (the node's MODEL) and the base. Per rank: the
+file's size and relative error (its metadata); the rank keeping 95% of each seed's delta's norm.
 **Full size.** SD1.5's 686 U-Net tensors (282 weights factored) with a random delta of the
 magnitude a few Adam steps leave (``N(0, 1) * 2e-6``, drawn one tensor at a time, so only the
 output and one tensor's factors are held), exported at rank 16 on the CPU: the wall time and
@@ -23,6 +31,7 @@ import json
 import math
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -77,6 +86,47 @@ def by_rank(delta: dict[str, torch.Tensor]) -> list[dict]:
     return rows
 
 
+LAMBDA = 500.0
+
+
+def microworld(seeds: tuple[int, ...], batch: int) -> dict:
+    """The LoRAs of the micro-world subject's delta against the delta, per seed (module docstring)."""
+    from lipschitz_personalize.trainer.lora import delta_from_file
+    from lipschitz_personalize.trainer.persist import load_verified
+    from safetensors import safe_open
+
+    from tools.comfy_server import ComfyServer
+    from tools.microworld import protocol, sweep
+
+    trained = f"lambda {LAMBDA:g}"
+    per_seed: dict[str, list[dict]] = {}
+    files: dict[int, list[dict]] = {rank: [] for rank in RANKS}
+    keeping, delta_mb = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
+        protocol.install(server)
+        for seed in seeds:
+            models = {"base": None, trained: protocol.personalize(LAMBDA, seed)}
+            scores, exported = protocol.run_with_loras(server, models, trained, RANKS, seed, batch=batch, save=True)
+            sweep.record(per_seed, seed, scores)
+            for rank, path in exported.loras.items():
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata()
+                files[rank].append({"seed": seed, "file_mb": path.stat().st_size / 1e6,
+                                    "rel_error": float(meta["rel_frobenius_error"]),
+                                    "dropped_norm_fraction": float(meta["dropped_norm_fraction"])})
+            delta = delta_from_file(load_verified(exported.delta)[0])
+            delta_mb = sum(t.numel() * 2 for t in delta.values()) / 1e6
+            keeping.append(rank_keeping(delta, 0.95))
+            print(f"seed {seed}: {json.dumps({k: v[-1] for k, v in files.items()})}, 95% at rank {keeping[-1]}",
+                  flush=True)
+    return {"model": "micro-world U-Net (docs/microworld.md)", "trained": trained, "lambda": LAMBDA,
+            "steps": protocol.STEPS, "lr": protocol.LR, "seeds": list(seeds), "batch": batch,
+            "delta_mb_fp16": delta_mb,
+            "ranks": [{"rank": rank, **{k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "seed"},
+                       "per_seed": rows} for rank, rows in files.items()],
+            "rank_for_95pct_norm": keeping, "per_seed": per_seed, "summary": sweep.summarize(per_seed)}
+
+
 class RandomDelta(Mapping):
     """A full-size delta drawn one tensor at a time, on demand (never held whole)."""
 
@@ -117,7 +167,9 @@ def fullsize(rank: int = 16) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--only", choices=("trained", "fullsize"))
+    ap.add_argument("--only", choices=("trained", "microworld", "fullsize"))
+    ap.add_argument("--seeds", type=int, default=3, help="micro-world seeds 0..N-1 (training and sampling)")
+    ap.add_argument("--batch", type=int, default=4, help="micro-world pictures per prompt and seed (the sweep's)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads (on a busy machine, 1: LAPACK's threads spin-wait on shared cores)")
@@ -128,14 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     run = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                      "machine": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
                      "command": "python tools/bench_lora.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))}
-    if args.only != "fullsize":
+    if args.only in (None, "trained"):
         torch.manual_seed(0)
         delta = trained_delta(args.steps)
         result["trained"] = {"model": "tiny test U-Net (SD15_TINY)", "steps": args.steps, "lr": 2e-6, "lambda": 500.0,
                              "delta_mb_fp16": sum(t.numel() * 2 for t in delta.values()) / 1e6,
                              "ranks": by_rank(delta), "rank_for_95pct_norm": rank_keeping(delta, 0.95), "run": run}
         print(json.dumps(result["trained"]), flush=True)
-    if args.only != "trained":
+    if args.only in (None, "microworld"):
+        result["microworld"] = {**microworld(tuple(range(args.seeds)), args.batch), "run": run}
+        print(json.dumps(result["microworld"]["summary"]), flush=True)
+    if args.only in (None, "fullsize"):
         result["fullsize"] = {**fullsize(), "run": run}
         print(json.dumps(result["fullsize"]), flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -303,6 +304,42 @@ def lora_table() -> str:
             f"{dropped:.1%} of the norm. Measured by {_lora_run(t)}.\n")
 
 
+def lora_microworld() -> str:
+    """The exported LoRAs of the micro-world subject's delta by rank: size, error, and what they
+    draw next to the full delta (docs/lora.json ``microworld``, ``tools/bench_lora.py``)."""
+    t = _lora("microworld")
+    if t is None:
+        return ("| model | file | error |\n| --- | --- | --- |\n| not measured | - | - |\n"
+                "| run `python tools/bench_lora.py --only microworld` | - | - |\n")
+    s = t["summary"]
+
+    def fmt(name: str, m: str) -> str:
+        return f"{s[name][m]['median']:.3f} ({s[name][m]['worst']:.3f})" if m in s[name] else "-"
+
+    def gain(name: str) -> float:
+        """The share of the full delta's subject-fidelity gain over the base that ``name`` keeps."""
+        base = s["base"]["clip_i"]["median"]
+        return (s[name]["clip_i"]["median"] - base) / (s[t["trained"]]["clip_i"]["median"] - base)
+
+    lines = ["| model | file | relative error `\\|delta - LoRA\\| / \\|delta\\|` | subject fidelity (CLIP-I): median (worst) "
+             "| share of the delta's CLIP-I gain | drift: median (worst) | concepts drawn as asked: median (worst) |",
+             "| --- | --- | --- | --- | --- | --- | --- |",
+             f"| base model | - | - | {fmt('base', 'clip_i')} | 0% | - | {fmt('base', 'accuracy')} |",
+             f"| {t['trained']}: the full delta (fp16) | {t['delta_mb_fp16']:.1f} MB | 0 | {fmt(t['trained'], 'clip_i')} "
+             f"| 100% | {fmt(t['trained'], 'drift')} | {fmt(t['trained'], 'accuracy')} |"]
+    for r in t["ranks"]:
+        name = f"LoRA rank {r['rank']}"
+        lines.append(f"| {name} | {r['file_mb']:.2f} MB | {r['rel_error']:.3f} "
+                     f"| {fmt(name, 'clip_i')} | {gain(name):.0%} | {fmt(name, 'drift')} | {fmt(name, 'accuracy')} |")
+    keeping = t["rank_for_95pct_norm"]
+    return ("\n".join(lines) + f"\n\n{t['model']}, the subject trained {t['steps']} steps at lr {t['lr']:g}, "
+            f"lambda {t['lambda']:g}; seeds {', '.join(map(str, t['seeds']))} (each trains and samples with its seed), "
+            f"{t['batch']} pictures per prompt and seed; medians over the seeds (the worst seed in brackets; size "
+            f"and error: medians). Rank keeping 95% of the delta's norm: **{statistics.median(keeping):g}** (per seed: "
+            f"{', '.join(map(str, keeping))}). Biases and norms (dropped) hold "
+            f"{t['ranks'][0]['dropped_norm_fraction']:.1%} of the norm. Measured by {_lora_run(t)}.\n")
+
+
 def lora_fullsize() -> str:
     """The full-size SVD's time on the CPU (docs/lora.json)."""
     f = _lora("fullsize")
@@ -349,7 +386,7 @@ def microworld_sweep() -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "lora-table": lora_table, "lora-fullsize": lora_fullsize,
+    "lora-table": lora_table, "lora-microworld": lora_microworld, "lora-fullsize": lora_fullsize,
     "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-ops": perf_ops, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
     "vram-modes": vram_modes,
     "toy-table": _toy("markdown_table"),

@@ -3,7 +3,7 @@
 *API* format that ``POST /prompt`` takes, driven by the server's ``/object_info``.
 
 ComfyUI 0.3.75 has no server-side converter; the frontend does this in ``graphToPrompt``.
-This module reproduces the parts of it that matter for plain graphs:
+This module reproduces the parts of it that matter for the pack's graphs:
 
 * ``widgets_values`` are matched, in order, to the node's widget inputs as the frontend
   derives them from ``/object_info``: required then optional (``input_order``), inputs of
@@ -16,6 +16,17 @@ This module reproduces the parts of it that matter for plain graphs:
 * links (``[id, from_node, from_slot, to_node, to_slot, type]``, and each input's ``link``)
   become ``[node_id, slot]``; ``Reroute`` nodes are followed; a ``PrimitiveNode`` feeding a
   widget is inlined as its value;
+* subgraphs (``definitions.subgraphs``; an instance's ``type`` is its definition's id) are
+  flattened as the frontend's ``graphToPrompt`` does (1.32.9, ``ExecutableNodeDTO``): every
+  node inside an instance becomes a node of the prompt named by the instance ids and its own
+  id joined by ``:`` (``"50:43"``, nested ``"50:7:43"``, the id the server reports it under); a
+  link from the subgraph's input node (id -10) is the instance's input link, followed one
+  level up; a link to an instance's output is followed to what feeds the subgraph's output node
+  (id -20) at that slot. A bypassed instance passes its inputs through like any bypassed node
+  (1.32.9's ``resolveOutput`` does); a muted or bypassed instance's inner nodes are left out,
+  what muting an instance means to a user (1.32.9's DTOs read only each inner node's own mode:
+  not checked by running). A promoted widget (an instance input with no link that sets an inner
+  widget) is refused: the shipped files link such inputs;
 * UI-only nodes (``Note``, ``MarkdownNote``, ``PrimitiveNode``, ``Reroute``) are dropped;
   muted nodes (mode 2) are left out together with the inputs they fed; bypassed nodes
   (mode 4) are left out and their consumers get the bypassed node's input of the same type
@@ -120,21 +131,48 @@ def _input_name(inp: dict) -> str:
     return widget.get("name") if isinstance(widget, dict) and widget.get("name") else inp["name"]
 
 
+SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # the ids of a subgraph's input and output nodes
+
+
+def _links(graph: dict) -> dict[int, tuple[int, int, int, int]]:
+    """link id -> (origin node, origin slot, target node, target slot), from either serialisation."""
+    out = {}
+    for link in graph.get("links") or []:
+        if isinstance(link, dict):  # subgraph definitions and the newer root serialisation (version 1)
+            out[int(link["id"])] = (int(link["origin_id"]), int(link["origin_slot"]),
+                                    int(link["target_id"]), int(link["target_slot"]))
+        else:
+            out[int(link[0])] = (int(link[1]), int(link[2]), int(link[3]), int(link[4]))
+    return out
+
+
 class _Graph:
-    def __init__(self, workflow: dict, object_info: dict):
-        if "nodes" not in workflow or "links" not in workflow:
+    """One level of a workflow as one instance sees it: the root graph (``path`` empty), or a
+    subgraph definition inside the instance ``path[-1]`` of ``parent``. A node's API id is its
+    instance path and its own id joined by ``:`` (``"50:43"``), as the frontend's
+    ``ExecutableNodeDTO`` names it and the server reports it."""
+
+    def __init__(self, graph: dict, object_info: dict, subgraphs: dict[str, dict],
+                 path: tuple[str, ...] = (), parent: _Graph | None = None):
+        if "nodes" not in graph or "links" not in graph:
             raise WorkflowConversionError("not a UI workflow (no 'nodes' / 'links'); API graphs need no conversion")
-        self.info = object_info
-        self.nodes = {int(n["id"]): n for n in workflow["nodes"]}
-        self.links: dict[int, tuple[int, int]] = {}
-        for link in workflow["links"]:
-            if isinstance(link, dict):  # newer serialisation (version 1)
-                self.links[int(link["id"])] = (int(link["origin_id"]), int(link["origin_slot"]))
-            else:
-                self.links[int(link[0])] = (int(link[1]), int(link[2]))
+        self.info, self.subgraphs, self.path, self.parent = object_info, subgraphs, path, parent
+        self.nodes = {int(n["id"]): n for n in graph["nodes"]}
+        self.links = _links(graph)
+        self._inner: dict[int, _Graph] = {}
 
     def mode(self, node: dict) -> int:
         return int(node.get("mode") or 0)
+
+    def api_id(self, node_id: int) -> str:
+        return ":".join((*self.path, str(node_id)))
+
+    def inner(self, node_id: int) -> _Graph:
+        """The subgraph that instance ``node_id`` of this graph runs."""
+        if node_id not in self._inner:
+            self._inner[node_id] = _Graph(self.subgraphs[self.nodes[node_id]["type"]], self.info, self.subgraphs,
+                                          (*self.path, str(node_id)), self)
+        return self._inner[node_id]
 
     def resolve(self, link_id: int | None, seen: frozenset = frozenset()) -> tuple[str, Any] | None:
         """Follow a link upstream: ``("link", [id, slot])``, ``("value", v)`` or None (drop)."""
@@ -142,13 +180,20 @@ class _Graph:
             return None
         if link_id not in self.links:
             raise WorkflowConversionError(f"link {link_id} is used by a node but missing from 'links'")
-        node_id, slot = self.links[link_id]
-        if (node_id, slot) in seen:
-            raise WorkflowConversionError(f"link cycle through node {node_id}")
-        seen = seen | {(node_id, slot)}
+        node_id, slot = self.links[link_id][:2]
+        if (self.path, node_id, slot) in seen:
+            raise WorkflowConversionError(f"link cycle through node {self.api_id(node_id)}")
+        seen = seen | {(self.path, node_id, slot)}
+        if node_id == SUBGRAPH_INPUT:  # the instance's input of that slot, one level up
+            instance = self.parent.nodes[int(self.path[-1])]
+            inp = (instance.get("inputs") or [])[slot]
+            if inp.get("link") is None and inp.get("widget") is not None:
+                raise WorkflowConversionError(f"subgraph instance {self.parent.api_id(instance['id'])}: the promoted "
+                                              f"widget {inp['name']!r} is not supported here; link the input instead")
+            return self.parent.resolve(inp.get("link"), seen)
         node = self.nodes.get(node_id)
         if node is None:
-            raise WorkflowConversionError(f"link {link_id} comes from node {node_id}, which does not exist")
+            raise WorkflowConversionError(f"link {link_id} comes from node {self.api_id(node_id)}, which does not exist")
         kind = node.get("type")
         if self.mode(node) == MODE_NEVER:
             return None
@@ -158,7 +203,7 @@ class _Graph:
         if kind == "PrimitiveNode":
             values = node.get("widgets_values") or []
             if not values:
-                raise WorkflowConversionError(f"PrimitiveNode {node_id} has no value")
+                raise WorkflowConversionError(f"PrimitiveNode {self.api_id(node_id)} has no value")
             return ("value", values[0])
         if self.mode(node) == MODE_BYPASS:
             outputs = node.get("outputs") or []
@@ -169,19 +214,26 @@ class _Graph:
                 if inp.get("link") is not None and inp.get("type") == out_type:
                     return self.resolve(inp["link"], seen)
             return None
-        return ("link", [str(node_id), slot])
+        if kind in self.subgraphs:  # what the subgraph feeds to its output node at that slot
+            inner = self.inner(node_id)
+            fed = [lid for lid, (*_, dst, dst_slot) in inner.links.items() if dst == SUBGRAPH_OUTPUT and dst_slot == slot]
+            return inner.resolve(fed[0], seen) if fed else None
+        return ("link", [self.api_id(node_id), slot])
 
-    def convert(self, strict: bool) -> dict[str, dict]:
-        prompt: dict[str, dict] = {}
+    def convert(self, strict: bool, prompt: dict[str, dict]) -> dict[str, dict]:
         for node_id in sorted(self.nodes):
             node = self.nodes[node_id]
             kind = node.get("type")
             if kind in UI_ONLY_TYPES or self.mode(node) in (MODE_NEVER, MODE_BYPASS):
                 continue
+            if kind in self.subgraphs:
+                self.inner(node_id).convert(strict, prompt)
+                continue
             info = self.info.get(kind)
             if info is None:
-                raise WorkflowConversionError(f"node {node_id} has type {kind!r}, which this server does not "
-                                              f"know (a custom node pack missing, or a subgraph)")
+                raise WorkflowConversionError(f"node {self.api_id(node_id)} has type {kind!r}, which this server does "
+                                              f"not know (a custom node pack missing, or a subgraph not in "
+                                              f"'definitions')")
             inputs = widget_inputs(node, info, strict)
             for inp in node.get("inputs") or []:
                 resolved = self.resolve(inp.get("link"))
@@ -194,7 +246,7 @@ class _Graph:
             entry = {"class_type": kind, "inputs": inputs}
             title = node.get("title")
             entry["_meta"] = {"title": title or info.get("display_name") or kind}
-            prompt[str(node_id)] = entry
+            prompt[self.api_id(node_id)] = entry
         return prompt
 
 
@@ -205,7 +257,8 @@ def convert(workflow: dict, object_info: dict, strict: bool = True) -> dict[str,
     node whose ``widgets_values`` do not fit its widgets an error (else missing values take
     the input's default and surplus ones are ignored).
     """
-    return _Graph(workflow, object_info).convert(strict)
+    subgraphs = {sg["id"]: sg for sg in (workflow.get("definitions") or {}).get("subgraphs") or []}
+    return _Graph(workflow, object_info, subgraphs).convert(strict, {})
 
 
 def output_nodes(prompt: dict[str, dict], object_info: dict) -> list[str]:

@@ -1,8 +1,9 @@
 """How the micro-world measures a fine-tune, as one API graph of stock nodes and the pack's own
 (the tests, ``sweep.py`` and the docs all read the same numbers the same way).
 
-For each model (the base, or one ``LipschitzPersonalize`` run on the subject photos) and each
-sampling seed, stock ``KSampler``s draw a batch for the subject prompt and a batch for each
+For each model (the base, one ``LipschitzPersonalize`` run on the subject photos, or any other
+MODEL built by nodes the caller passes as ``Loaded``: a LoRA through stock ``LoraLoaderModelOnly``)
+and each sampling seed, stock ``KSampler``s draw a batch for the subject prompt and a batch for each
 concept prompt (concepts the base model learned), all with the same seeds and latents:
 
 * **subject fidelity**: CLIP-I of the subject batch to the photos (``LipschitzSubjectFidelity``);
@@ -58,6 +59,77 @@ class Scores:
         return statistics.fmean(self.drift_per_prompt.values()) if self.drift_per_prompt else None
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A model the protocol does not train: ``nodes`` (API-graph nodes added as they are) end in
+    the MODEL link ``model``."""
+
+    nodes: dict
+    model: list
+
+
+def lora(file: str, strength: float = 1.0) -> Loaded:
+    """The base model with a LoRA file of the server's ``models/loras``, through the stock loader
+    every user has (so the measurement is the one a user gets, not the pack's own patching)."""
+    node = f"lora {file}"
+    return Loaded({node: {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["ckpt", 0], "lora_name": file, "strength_model": strength}}}, [node, 0])
+
+
+def lora_name(rank: int) -> str:
+    """The protocol's name for a trained delta exported at ``rank`` and loaded as a LoRA."""
+    return f"LoRA rank {rank}"
+
+
+@dataclass
+class Exported:
+    """What ``run_with_loras`` wrote: the LoRA files by rank, and the delta file."""
+
+    loras: dict[int, Path]
+    delta: Path
+
+
+def run_with_loras(server, models: dict[str, dict | None], name: str, ranks: tuple[int, ...], seed: int,
+                   batch: int = 2, save: bool = False, sampler: dict | None = None) -> tuple[dict[str, list[Scores]], Exported]:
+    """Measure ``models`` for ``seed`` and, next to them, model ``name``'s delta exported as a LoRA
+    at each of ``ranks`` (``LipschitzExtractLoRA``, biases and norms dropped: the default every
+    loader reads) and loaded on the base by stock ``LoraLoaderModelOnly`` (named ``lora_name(rank)``).
+
+    Two prompts: the LoRA loader checks its file name when the prompt is queued, so the files
+    must exist before the second one; its base-model pictures come from ComfyUI's cache of the
+    first (same nodes, same inputs)."""
+    g = graph(models, (seed,), batch=batch, save=save, sampler=sampler)
+    delta = [f"train_{name}", 1]
+    prefix = re.sub(r"\W+", "_", name)
+    g["export_delta"] = {"class_type": "LipschitzSaveDelta", "inputs": {"delta": delta, "filename_prefix": prefix}}
+    for rank in ranks:
+        g[f"export_r{rank}"] = {"class_type": "LipschitzExtractLoRA", "inputs": {
+            "delta": delta, "rank": rank, "filename_prefix": f"{prefix}_r{rank}"}}
+    trained = _run(server, g, seed)
+    files = {rank: _written(trained, f"export_r{rank}") for rank in ranks}
+    loras: dict[str, dict | Loaded | None] = {"base": None, **{lora_name(r): lora(f) for r, f in files.items()}}
+    loaded = _run(server, graph(loras, (seed,), batch=batch, save=save, sampler=sampler), seed)
+    output_dir = server.output_dir if save else None
+    out = scores(trained, models, (seed,), batch=batch, output_dir=output_dir)
+    out.update(scores(loaded, {n: s for n, s in loras.items() if s is not None}, (seed,), batch=batch,
+                      output_dir=output_dir))
+    models_dir = server.base_dir / "models"
+    return out, Exported({r: models_dir / "loras" / f for r, f in files.items()},
+                         models_dir / "lipschitz_deltas" / _written(trained, "export_delta"))
+
+
+def _run(server, g: dict, seed: int):
+    result = server.client.run(g, timeout=3600)
+    if result.status != "success":
+        raise RuntimeError(f"seed {seed}: {(result.error or {}).get('exception_message', result.error)}")
+    return result
+
+
+def _written(result, node: str) -> str:
+    """The file name an export node wrote (its text starts ``<folder>/<file>``)."""
+    return result.outputs[node]["text"][0].split(":")[0].split("/")[-1]
+
+
 def install(server, ckpt: Path | None = None) -> None:
     """Link the checkpoint (``make microworld``'s, built here if missing; or ``ckpt``) and the
     evaluation CLIP into a ``ComfyServer``'s folders, copy the photos."""
@@ -90,10 +162,10 @@ def dreambooth(seed: int = TRAIN_SEED, **overrides) -> dict:
     return personalize(0.0, seed, class_prompt=CLASS_PROMPT, prior_weight=1.0, _class_images=True, **overrides)
 
 
-def graph(models: dict[str, dict | None], seeds: tuple[int, ...], batch: int = 2,
+def graph(models: dict[str, dict | Loaded | None], seeds: tuple[int, ...], batch: int = 2,
           concepts: tuple[str, ...] = CONCEPT_PROMPTS, save: bool = False, sampler: dict | None = None) -> dict:
-    """The API graph: ``models`` maps a name to ``personalize(...)`` inputs, or None for the base
-    model (which must be among them: drift is measured against it)."""
+    """The API graph: ``models`` maps a name to ``personalize(...)`` inputs, a ``Loaded`` model,
+    or None for the base model (which must be among them: drift is measured against it)."""
     sampler = {**SAMPLER, **(sampler or {})}
     g: dict = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
@@ -111,6 +183,9 @@ def graph(models: dict[str, dict | None], seeds: tuple[int, ...], batch: int = 2
     for name, spec in models.items():
         if spec is None:
             model = ["ckpt", 0]
+        elif isinstance(spec, Loaded):
+            g.update(spec.nodes)
+            model = spec.model
         else:
             inputs = {k: v for k, v in spec.items() if not k.startswith("_")}
             if spec.get("_class_images"):
@@ -182,7 +257,7 @@ def _number(text: str, label: str) -> float:
     return float(match.group(1))
 
 
-def scores(result, models: dict[str, dict | None], seeds: tuple[int, ...], batch: int = 2,
+def scores(result, models: dict[str, dict | Loaded | None], seeds: tuple[int, ...], batch: int = 2,
            concepts: tuple[str, ...] = CONCEPT_PROMPTS, output_dir: Path | None = None) -> dict[str, list[Scores]]:
     """Each model's ``Scores`` per seed, read from the run's node texts (and, with ``output_dir``,
     the saved concept pictures judged by the classifier)."""

@@ -43,6 +43,14 @@ def models_for(seed: int, lambdas: tuple[float, ...], dreambooth: bool) -> dict[
     return models
 
 
+def record(per_seed: dict[str, list[dict]], seed: int, scores: dict[str, list[protocol.Scores]]) -> None:
+    """Append one seed's ``protocol.scores`` to ``per_seed`` as the JSON rows ``summarize`` reads."""
+    for name, (s,) in scores.items():
+        per_seed.setdefault(name, []).append(
+            {"seed": seed, "clip_i": s.clip_i, "clip_t": s.clip_t, "accuracy": s.accuracy, "drift": s.drift,
+             "drift_per_prompt": s.drift_per_prompt})
+
+
 def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
     """Median and worst over the seeds (worst: lowest fidelity or accuracy, highest drift)."""
     out = {}
@@ -99,11 +107,8 @@ def main(argv=None) -> int:
             result = server.client.run(g, timeout=3600)
             if result.status != "success":
                 raise SystemExit(f"seed {seed}: {(result.error or {}).get('exception_message', result.error)}")
-            scores = protocol.scores(result, models, (seed,), batch=args.batch, output_dir=server.output_dir)
-            for name, (s,) in scores.items():
-                per_seed.setdefault(name, []).append(
-                    {"seed": seed, "clip_i": s.clip_i, "clip_t": s.clip_t, "accuracy": s.accuracy, "drift": s.drift,
-                     "drift_per_prompt": s.drift_per_prompt})
+            record(per_seed, seed, protocol.scores(result, models, (seed,), batch=args.batch,
+                                                   output_dir=server.output_dir))
             print(f"seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
     result = {"command": "python tools/microworld/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
