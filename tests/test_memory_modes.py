@@ -53,9 +53,10 @@ def _flat_params(values: list[torch.Tensor]) -> list[torch.Tensor]:
 @pytest.fixture(params=["whole", "chunked"])
 def chunking(request, monkeypatch):
     """The update in one slice per tensor, or in slices of 512 values (SD1.5's big tensors are
-    chunked at 4M; here the test tensors are, with a last partial block)."""
+    chunked at 16M on a GPU, 1M on the CPU; here the test tensors are, with a last partial block)."""
     if request.param == "chunked":
         monkeypatch.setattr("lipschitz_personalize.trainer.compact_adam.CHUNK", 2 * BLOCK)
+        monkeypatch.setattr("lipschitz_personalize.trainer.compact_adam.CPU_CHUNK", 2 * BLOCK)
     return request.param
 
 

@@ -113,6 +113,10 @@ def _mapped_zeros(like, folder: str):
 def mode_step(mode: str, tiny: bool, folder: str):
     import torch
 
+    from lipschitz_personalize.trainer import compact_adam
+
+    compact_adam.CPU_CHUNK = compact_adam.CHUNK  # count the slices a GPU runs, not the CPU's smaller ones
+
     unet = make_unet(tiny, dtype=torch.float16, init=False)
     _broadcast_anchor(unet)
     trainer = mode_trainer(unet, mode, LATENT)
