@@ -218,7 +218,7 @@ def test_step_in_backward_equals_the_all_at_once_update_when_backward_completes_
         delta = ParameterDelta(model, dtype=config.delta_torch_dtype)
         trainer = RegularizedTrainer(model, delta, torch.linspace(0.99, 0.01, 1000), data, config)
         if step_in_backward:
-            assert [len(b) for b in trainer.update._buckets] == [3, 3]
+            assert [len(b) for b in trainer.update.buckets] == [3, 3]
         _run(trainer)
         deltas.append(_flat(trainer))
     assert torch.equal(*deltas)

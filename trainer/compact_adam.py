@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from .delta import ALIGN, buckets
+from .delta import ALIGN, span
 
 Moments = Literal["fp32", "bf16", "fp8"]
 MOMENTS: tuple[str, ...] = ("fp32", "bf16", "fp8")
@@ -172,13 +172,13 @@ class CompactAdam(torch.optim.Optimizer):
     support for bf16 parameters, both written with stochastic rounding.
 
     The parameters must be the views of one :class:`~trainer.delta.ParameterDelta`'s flat
-    buffer; ``bucket`` is the size of the ranges it updates at once
-    (:data:`trainer.optim.BUCKET`), the same ranges a ``step_in_backward`` update hands it.
+    buffer; ``runs`` are the ranges it updates at once (:func:`trainer.delta.buckets`, the
+    ones a ``step_in_backward`` update hands it), all parameters in one range by default.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, moments: Moments = "bf16",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 seed: int = 0, bucket: int = 1 << 25) -> None:
+                 seed: int = 0, runs: Sequence[Sequence[Tensor]] | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.codec = Codec(moments)
         self.seed = seed
@@ -190,30 +190,24 @@ class CompactAdam(torch.optim.Optimizer):
         self.flat = flat
         self.stores = {key: self.codec.zeros(flat.numel(), flat.device) for key in ("exp_avg", "exp_avg_sq")}
         for p in own:
-            self.state[p] = {key: self.codec.part(store, self._start(p), self._end(p))
-                             for key, store in self.stores.items()}
-        runs = buckets(own, bucket)
-        self._scratch = torch.zeros(max(self._end(r[-1]) - self._start(r[0]) for r in runs), dtype=flat.dtype,
+            self.state[p] = {key: self.codec.part(store, *span(p)) for key, store in self.stores.items()}
+        runs = [sorted(own, key=Tensor.storage_offset)] if runs is None else [list(r) for r in runs]
+        if sorted(map(id, own)) != sorted(id(p) for r in runs for p in r):
+            raise ValueError("the runs must hold each parameter once")
+        self._scratch = torch.zeros(max(span(r[-1])[1] - span(r[0])[0] for r in runs), dtype=flat.dtype,
                                     device=flat.device)
         self._buckets = [self._bucket(r) for r in runs]
         self._of = {id(p): b for b in self._buckets for p in b.params}
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _start(self, p: Tensor) -> int:
-        return p.storage_offset() - self.flat.storage_offset()
-
-    def _end(self, p: Tensor) -> int:
-        """Where ``p``'s aligned range in the flat buffer ends."""
-        return self._start(p) + -(-p.numel() // ALIGN) * ALIGN
-
     def _bucket(self, params: list[Tensor]) -> _Bucket:
         """A bucket's views, made once: each parameter's place in the scratch buffer (shared by
         all buckets), and its chunks of the scratch, the flat buffer and the moments."""
-        base = self._start(params[0])
-        size = self._end(params[-1]) - base
+        base = span(params[0])[0]
+        size = span(params[-1])[1] - base
         gathered = self._scratch[:size]
-        into = [gathered[self._start(p) - base:][:p.numel()].view(p.shape) for p in params]
-        spans = [(self._start(p) - base, self._end(p) - base, p) for p in params]
+        spans = [(lo - base, hi - base, p) for p in params for lo, hi in [span(p)]]
+        into = [gathered[lo:][:p.numel()].view(p.shape) for lo, _, p in spans]
         step = CPU_CHUNK if self.flat.device.type == "cpu" else CHUNK
         chunks = [_Chunk(index=(base + lo) // BLOCK, grad=gathered[lo:hi], param=self.flat[base + lo:base + hi],
                          exp_avg=self.codec.part(self.stores["exp_avg"], base + lo, base + hi),

@@ -235,6 +235,13 @@ def _flat_storage(base: Mapping[str, Tensor], dtype: torch.dtype, device: torch.
     return torch.zeros(end, dtype=dtype, device=device), offsets
 
 
+def span(t: Tensor) -> tuple[int, int]:
+    """Where ``t`` (a view of :attr:`ParameterDelta.flat`) starts and where its aligned range
+    ends, as offsets into the flat buffer: the range an update may write, padding included."""
+    start = t.storage_offset() - t._base.storage_offset()
+    return start, start + -(-t.numel() // ALIGN) * ALIGN
+
+
 def buckets(tensors: Sequence[Tensor], size: int) -> list[list[Tensor]]:
     """``tensors`` (views of one :attr:`ParameterDelta.flat`) in flat order, cut into runs of
     consecutive tensors of at least ``size`` values each (the last may hold fewer): the ranges

@@ -44,15 +44,15 @@ runs of consecutive tensors of at least this many values (:func:`trainer.delta.b
 
 
 def make_adam(params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
-              impl: AdamImpl = "default", config: TrainConfig | None = None) -> torch.optim.Optimizer:
+              impl: AdamImpl = "default", config: TrainConfig | None = None,
+              runs: Sequence[Sequence[Tensor]] | None = None) -> torch.optim.Optimizer:
     """``Adam(params, lr)`` with the requested kernel; ``params`` may be parameter groups
     (each with its ``weight_decay``), otherwise there is no weight decay.  A ``config`` with
     compact state (compact moments or a bf16 delta) gets :class:`CompactAdam`, which updates
-    the delta's flat buffer in the buckets of :data:`BUCKET` values that
-    :class:`StepInBackwardUpdate` hands it."""
+    the delta's flat buffer in ``runs``, the buckets :class:`StepInBackwardUpdate` hands it."""
     params = list(params)
     if config is not None and config.compact_state:
-        return CompactAdam(params, lr=lr, moments=config.moments, seed=config.seed, bucket=BUCKET)
+        return CompactAdam(params, lr=lr, moments=config.moments, seed=config.seed, runs=runs)
     if impl not in ADAM_IMPLS:
         raise ConfigError("adam", f"unknown Adam implementation {impl!r}", f"Use one of {', '.join(ADAM_IMPLS)}")
     kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
@@ -79,14 +79,16 @@ class AdamUpdate:
         self.decay = regularizer.weight_decay(delta, config.lam)
         tensors = delta.tensors()
         positions = {id(t): i for i, t in enumerate(tensors)}
-        if self.decay is None:
-            self.optimizer = make_adam(tensors, config.lr, config.adam, config)
-        else:
+        self.buckets = buckets(tensors, BUCKET)
+        """The runs of the flat buffer the update steps at once (one partition, shared with a
+        :class:`CompactAdam`)."""
+        params: list[Tensor] | list[dict[str, Any]] = tensors
+        if self.decay is not None:
             groups: dict[float, list[Tensor]] = {}
             for t, c in zip(tensors, self.decay):
                 groups.setdefault(c, []).append(t)
-            self.optimizer = make_adam([{"params": ts, "weight_decay": c} for c, ts in groups.items()],
-                                       config.lr, config.adam, config)
+            params = [{"params": ts, "weight_decay": c} for c, ts in groups.items()]
+        self.optimizer = make_adam(params, config.lr, config.adam, config, runs=self.buckets)
         self._order = [positions[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         self._skips = isinstance(self.optimizer, CompactAdam) or config.adam == "fused"
         self.bad: Tensor | None = None
@@ -161,10 +163,9 @@ class StepInBackwardUpdate(AdamUpdate):
 
     def __init__(self, delta: ParameterDelta, regularizer: Regularizer, config: TrainConfig) -> None:
         super().__init__(delta, regularizer, config)
-        self._buckets = buckets(delta.tensors(), BUCKET)
-        self._bucket_of = {id(p): i for i, run in enumerate(self._buckets) for p in run}
-        self._waiting = [len(run) for run in self._buckets]
-        self._arrived: list[list[Tensor]] = [[] for _ in self._buckets]
+        self._bucket_of = {id(p): i for i, run in enumerate(self.buckets) for p in run}
+        self._waiting = [len(run) for run in self.buckets]
+        self._arrived: list[list[Tensor]] = [[] for _ in self.buckets]
         # The hooks live on the delta tensors and must not keep this object alive: a tensor's
         # hooks are invisible to Python's cycle collector, so a bound method here would leak
         # the whole optimizer state (a full-size run's 7 GB of moments) after every run.
@@ -185,8 +186,8 @@ class StepInBackwardUpdate(AdamUpdate):
         early = [(p, p.grad) for j, arrived in enumerate(self._arrived) if j != i for p in arrived]
         for p, _ in early:
             p.grad = None
-        self._step_tensors(self._buckets[i])
-        for p in self._buckets[i]:
+        self._step_tensors(self.buckets[i])
+        for p in self.buckets[i]:
             p.grad = None
         for p, grad in early:
             p.grad = grad
@@ -194,11 +195,11 @@ class StepInBackwardUpdate(AdamUpdate):
 
     def zero_grad(self) -> None:
         super().zero_grad()
-        self._waiting = [len(run) for run in self._buckets]
-        self._arrived = [[] for _ in self._buckets]
+        self._waiting = [len(run) for run in self.buckets]
+        self._arrived = [[] for _ in self.buckets]
 
     def step(self, step_no: int) -> Tensor:
-        for i, run in enumerate(self._buckets):
+        for i, run in enumerate(self.buckets):
             if self._waiting[i] > 0:
                 for p in run:
                     if p.grad is None:
