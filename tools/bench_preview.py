@@ -104,7 +104,7 @@ def main() -> None:
                       "model": model, "seconds": args.prompts * per_prompt,
                       "peak_gb_above": max(parts["unet"]["peak_gb_above"], parts["vae"]["peak_gb_above"]),
                       "date": time.strftime("%Y-%m-%d"), "device": "cpu",
-                      "command": "python tools/bench_preview.py" + (" --tiny" if args.tiny else "")}))
+                      "command": " ".join(["python tools/bench_preview.py", *sys.argv[1:]])}))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ TOY = REPO_ROOT / "docs" / "toy.json"
 LORA = REPO_ROOT / "docs" / "lora.json"
 MICROWORLD_ACCURACY = REPO_ROOT / "docs" / "microworld_accuracy.json"  # tools/microworld/prompt_accuracy.py
 MICROWORLD_SWEEP = REPO_ROOT / "docs" / "microworld_sweep.json"  # tools/microworld/sweep.py
+PREVIEW = REPO_ROOT / "docs" / "bench_preview.jsonl"  # tools/bench_preview.py
 GPU = REPO_ROOT / "docs" / "gpu"
 # The GPU runs (tools/bench_gpu.py output, one JSON line per figure) and the modes each one
 # measured as the code defines them today: the first run measured 12gb/8gb with bf16 compute,
@@ -43,7 +44,7 @@ GPU_RUNS = [("bench_gpu_modes_bf16.jsonl", {"faithful": "faithful", "lean": "lea
                                             "12gb": "12gb with bf16 compute (superseded)",
                                             "8gb": "8gb with bf16 compute (superseded)"}),
             ("bench_gpu_modes_final.jsonl", {"12gb": "12gb", "8gb": "8gb"})]
-DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md", "lora.md", "microworld.md"))]
+DOCS = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / name for name in ("performance.md", "method.md", "toy.md", "lora.md", "microworld.md", "preview.md"))]
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[a-z_-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
                    re.S)
 
@@ -385,7 +386,22 @@ def microworld_sweep() -> str:
             f"accuracy, highest drift.\n")
 
 
+def preview_cost() -> str:
+    """A preview's parts timed on the CPU with the full-size models (docs/bench_preview.jsonl,
+    ``tools/bench_preview.py``; the last line of each part)."""
+    parts = {r["part"]: r for r in map(json.loads, PREVIEW.read_text().splitlines())}
+    u, v, p = parts["unet"], parts["vae"], parts["preview"]
+    rows = [("U-Net forward, CFG batch of 2, delta applied, no gradient (one sampler step)", u),
+            ("VAE decode, one image", v),
+            (f"one preview: {p['prompts']} prompts x ({p['sampler_steps']} sampler steps + 1 decode), summed from the parts", p)]
+    return (f"| Part, at {p['size']} px (full size) | Time on the CPU | Peak RAM above the models |\n| --- | --- | --- |\n"
+            + "".join(f"| {what} | {r['seconds']:.{1 if r['seconds'] < 100 else 0}f} s | {r['peak_gb_above']:.2f} GB |\n"
+                      for what, r in rows)
+            + f"\nMeasured by `{p['command']}` ({p['date']}, {p['device']}).\n")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "preview-cost": preview_cost,
     "lora-table": lora_table, "lora-microworld": lora_microworld, "lora-fullsize": lora_fullsize,
     "perf-summary": perf_summary, "perf-options": perf_options, "perf-fullsize": perf_fullsize, "perf-ops": perf_ops, "perf-peaks": perf_peaks, "perf-gpu": perf_gpu,
     "vram-modes": vram_modes,
