@@ -414,3 +414,28 @@ def test_a_step_in_backward_run_holds_no_more_gradient_than_the_estimate_on_sd15
     largest = max(t.numel() for t in delta.tensors())
     held_bytes = peak * 4
     assert held_bytes <= estimate("lean", delta.numel(), largest, 4, 512).parts["gradients"], (peak, BUCKET, largest)
+
+
+def test_the_op_count_arithmetic_in_the_performance_doc_is_sd15s_structure(comfy_in_process):
+    """docs/performance.md explains the missed op-count targets with counts of SD1.5's update
+    (weight-decay groups, buckets, group-bucket pairs, chunks, tensors); they follow from the
+    code's constants and the U-Net's shapes, so a change to either must change the text."""
+    import math
+    from pathlib import Path
+
+    import bench_models
+
+    from lipschitz_personalize.trainer import compact_adam
+    from lipschitz_personalize.trainer.delta import span
+    from lipschitz_personalize.trainer.objective import Regularizer
+    from lipschitz_personalize.trainer.optim import BUCKET
+
+    delta = ParameterDelta(bench_models.make_unet(tiny=False, device="meta", init=False))
+    decay = dict(zip(map(id, delta.tensors()), Regularizer().weight_decay(delta, 500.0)))
+    runs = buckets(delta.tensors(), BUCKET)
+    pairs = sum(len({decay[id(t)] for t in run}) for run in runs)
+    chunks = sum(math.ceil((span(run[-1])[1] - span(run[0])[0]) / compact_adam.CHUNK) for run in runs)
+    text = " ".join((Path(__file__).parent.parent / "docs" / "performance.md").read_text().split())
+    for claim in (f"({len(set(decay.values()))} distinct tensor sizes)", f"{pairs} group-bucket pairs over its {len(runs)} buckets",
+                  f"{chunks} chunks per step in {len(runs)} buckets", f"each of the {len(decay)} gradients"):
+        assert claim in text, claim
