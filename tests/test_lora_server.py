@@ -1,5 +1,6 @@
 """``LipschitzExtractLoRA`` on a real server: the file it writes loads in stock
-``LoraLoaderModelOnly``, every key applied, and samples like the trained MODEL."""
+``LoraLoaderModelOnly``, every key applied, and samples like the trained MODEL (at full rank),
+or within its stated error of it (at a low rank)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ from graphs import install_subject, personalize_graph, sample
 from test_server_nodes import _pixels, _run_ok
 
 FULL_RANK = 4096  # above every SD1.5 weight's smaller dimension: the LoRA is the weights' delta
+LOW_RANK = 16
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,9 @@ def test_full_rank_lora_through_stock_loader_samples_like_the_trained_model(serv
     sample(graph, ["ckpt", 0], "lora_base")
     _export(graph, "kept", "subject_kept", biases_and_norms="keep (ComfyUI only)")
     _export(graph, "dropped", "subject")
+    _export(graph, "low", "subject_low", rank=LOW_RANK)
     trained = _run_ok(client, graph)
-    names = {n: trained.outputs[n]["text"][0].split(":")[0].split("/")[-1] for n in ("kept", "dropped")}
+    names = {n: trained.outputs[n]["text"][0].split(":")[0].split("/")[-1] for n in ("kept", "dropped", "low")}
     assert "relative error" in trained.outputs["dropped"]["text"][0]
     with safe_open(str(server.base_dir / "models" / "loras" / names["dropped"]), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
@@ -50,10 +53,16 @@ def test_full_rank_lora_through_stock_loader_samples_like_the_trained_model(serv
 
     pixels = lambda result, node: _pixels(server, result, node).astype(np.float64)  # noqa: E731
     tuned, base = pixels(trained, "lora_trained_save"), pixels(trained, "lora_base_save")
-    kept, dropped = pixels(applied, "lora_kept_save"), pixels(applied, "lora_dropped_save")
+    kept, dropped, low = (pixels(applied, f"lora_{n}_save") for n in ("kept", "dropped", "low"))
     training_change = np.abs(tuned - base).mean()
     assert training_change > 1.0  # the run changed the sample: the comparison below means something
     # With biases and norms the full-rank LoRA is the delta up to fp16 rounding of the factors.
     assert np.abs(kept - tuned).max() <= 2
     # Without them (the default, which every loader reads) it keeps most of the change.
     assert np.abs(dropped - tuned).mean() < 0.25 * training_change
+    # A low rank keeps what its measured error says: the sample moves from the trained one by
+    # about that share of what training changed.
+    with safe_open(str(server.base_dir / "models" / "loras" / names["low"]), framework="pt") as f:
+        error = float(f.metadata()["rel_frobenius_error"])
+    assert error > 0.1  # a truncation that drops something
+    assert np.abs(low - tuned).mean() <= error * training_change  # measured: 0.29 of it at error 0.57

@@ -315,6 +315,32 @@ def test_previews_show_the_delta_beside_the_base_to_the_queuing_client_and_leave
     assert stored["drift"] == [[e["step"], e["drift"]] for e in events]
 
 
+def test_cancel_while_the_base_previews_are_sampled_ends_the_run_as_interrupted(server):
+    """The interrupt is sent as the node says its memory plan, right before it samples the base
+    model's previews (two prompts of 100 sampler steps: seconds on the tiny model): the run stops
+    before step 1, saves nothing, and the chart's state (the status route a reload reads) is
+    ``interrupted``, not a run that shows as running forever."""
+    import random
+    import threading
+
+    client, deltas = server.client, server.base_dir / "models" / "lipschitz_deltas"
+    graph = personalize_graph("base_cancel", steps=4, seed=random.randrange(1, 2**31), preview_every=2,
+                              preview_steps=100, preview_size=128)
+    seen: list[str] = []
+
+    def on_message(msg):
+        if msg["type"] == "progress_text" and msg["data"]["node"] == "train" and msg["data"]["text"].startswith("memory:"):
+            threading.Timer(0.5, client.interrupt).start()
+        seen.append(msg["type"])
+
+    before = set(deltas.glob("*.safetensors"))
+    result = client.run(_saved(graph), timeout=600, on_message=on_message)
+    assert result.status == "interrupted"
+    assert "lipschitz.progress" not in seen and "lipschitz.preview" not in seen, seen
+    assert set(deltas.glob("*.safetensors")) == before
+    assert client.get("/lipschitz/status?node=train")["train"]["state"] == "interrupted"
+
+
 def test_cancel_during_a_preview_stops_it_and_saves_the_run_like_a_cancel_during_a_step(server):
     """The interrupt is sent a while after step 2's event, inside step 2's preview (a quarter of
     the time the base's preview and step 1 took, which the preview of step 2 takes again): it

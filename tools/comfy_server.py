@@ -140,7 +140,8 @@ class ComfyClient:
 
         The websocket is opened before the prompt is posted so no message is missed. Stops on
         ``executing`` with ``node is None`` for this prompt id, then reads ``/history``.
-        ``on_message(msg)`` is called for every JSON message (e.g. to interrupt mid-run). The
+        ``on_message(msg)`` is called for every JSON message (e.g. to interrupt mid-run) and for
+        every progress text, as ``{"type": "progress_text", "data": {"node", "text"}}``. The
         nodes' progress texts (binary frames, sent to the queuing client only) are collected in
         ``RunResult.texts``; preview images are skipped.
         """
@@ -168,6 +169,8 @@ class ComfyClient:
                     text = progress_text(frame)
                     if text is not None:
                         texts.append(text)
+                        if on_message is not None:
+                            on_message({"type": "progress_text", "data": {"node": text[0], "text": text[1]}})
                     continue
                 try:
                     msg = json.loads(frame)

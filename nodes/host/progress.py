@@ -5,10 +5,12 @@ chart can refill after a browser reload through the read-only status route.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
+import comfy.model_management
 import comfy.utils
 from server import PromptServer
 
@@ -88,6 +90,22 @@ class NodeProgress:
         with _lock:
             if self.node_id in _runs:
                 _runs[self.node_id]["state"] = state
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The node's work from here on: whatever raises in it (a Cancel while the photos are
+        encoded or the base's previews sampled, not only during a step) marks the run
+        :func:`stopped` for the chart, which would otherwise show it running forever."""
+        try:
+            yield
+        except BaseException as exc:
+            self.finish(stopped(exc))
+            raise
+
+
+def stopped(exc: BaseException) -> str:
+    """The state a run ends in when ``exc`` stops it: ``interrupted`` (the UI's Cancel) or ``failed``."""
+    return "interrupted" if isinstance(exc, comfy.model_management.InterruptProcessingException) else "failed"
 
 
 def snapshot(node_id: str | None = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from .model import (LoadedUNet, TrainingMemory, alphas_cumprod, checkpoint_units
                     require_sd15, trainable, training_memory)
 from .patches import patched_model, require_sampling, sampling_note
 from .preview import PreviewMemory, Previewer
-from .progress import NodeProgress
+from .progress import NodeProgress, stopped
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,61 +113,63 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
     base, dynamic_note = trainable(spec.model)
     config = configure(spec.config, mode)
     progress = NodeProgress(node_id, config.steps, config.lam)
-    if spec.images.shape[0] == 1:
-        progress.text("warning: only 1 reference image; 3-6 give a far better subject")
-        log.warning("LipschitzPersonalize: only 1 reference image")
-    images = resize_batch(spec.images, config.resolution)
-    class_images = resize_batch(spec.class_images, config.resolution) if spec.class_images is not None else None
-    cond, truncated = encode_prompt(spec.clip, spec.prompt)
-    if truncated:
-        progress.text("notice: the prompt is longer than 77 tokens; only the first 77 are used")
-        log.warning("LipschitzPersonalize: prompt truncated to 77 tokens")
-    latents = encode_images(spec.vae, spec.model, images, config.seed)
-    prior = None
-    if class_images is not None:
-        prior = (encode_images(spec.vae, spec.model, class_images, config.seed + 1),
-                 encode_prompt(spec.clip, spec.class_prompt)[0])
-    # The preview's prompts are encoded before the U-Net is loaded for training: loading CLIP
-    # later could push the training's model off a GPU.
-    previewer = Previewer(spec.preview(), spec.clip, spec.vae, progress) if spec.preview_every > 0 else None
-    loaded = load_for_training(base, COMPUTE_DTYPES[config.precision], weights_needed=anchor.file is None)
-    base_id = fingerprint(loaded.unet)
-    key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id, "delta_dtype": spec.delta_dtype,
-                   "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
-                  [images] + ([class_images] if class_images is not None else []))
-    meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
-            "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision, "tf32": str(config.tf32),
-            "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
-            "memory": mode, "anchor_dtype": anchor.name, "anchor": anchor.why}
-    label = f"lambda={config.lam:g}"
+    with progress.running():
+        if spec.images.shape[0] == 1:
+            progress.text("warning: only 1 reference image; 3-6 give a far better subject")
+            log.warning("LipschitzPersonalize: only 1 reference image")
+        images = resize_batch(spec.images, config.resolution)
+        class_images = resize_batch(spec.class_images, config.resolution) if spec.class_images is not None else None
+        cond, truncated = encode_prompt(spec.clip, spec.prompt)
+        if truncated:
+            progress.text("notice: the prompt is longer than 77 tokens; only the first 77 are used")
+            log.warning("LipschitzPersonalize: prompt truncated to 77 tokens")
+        latents = encode_images(spec.vae, spec.model, images, config.seed)
+        prior = None
+        if class_images is not None:
+            prior = (encode_images(spec.vae, spec.model, class_images, config.seed + 1),
+                     encode_prompt(spec.clip, spec.class_prompt)[0])
+        # The preview's prompts are encoded before the U-Net is loaded for training: loading CLIP
+        # later could push the training's model off a GPU.
+        previewer = Previewer(spec.preview(), spec.clip, spec.vae, progress) if spec.preview_every > 0 else None
+        loaded = load_for_training(base, COMPUTE_DTYPES[config.precision], weights_needed=anchor.file is None)
+        base_id = fingerprint(loaded.unet)
+        key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id,
+                       "delta_dtype": spec.delta_dtype, "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
+                      [images] + ([class_images] if class_images is not None else []))
+        meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
+                "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,
+                "tf32": str(config.tf32),
+                "prompt": spec.prompt, "base_fingerprint": base_id, "run_key": key, "delta_dtype": spec.delta_dtype,
+                "memory": mode, "anchor_dtype": anchor.name, "anchor": anchor.why}
+        label = f"lambda={config.lam:g}"
 
-    finished = _load_finished(key, loaded.unet, progress)
-    if finished is not None:
-        delta, saved_log = finished
-        progress.text(f"loaded the finished run from models/lipschitz_deltas/{auto_path(key).name} "
-                      "(no training needed)")
-        progress.bar.update_absolute(config.steps)
-        progress.finish("loaded")
-        training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
-    else:
-        progress.text("\n".join(n for n in (plan, dynamic_note, attention_note()) if n))
-        with torch.inference_mode(False):
-            # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
-            # or updated in place.
-            training = _Training(_trainer(loaded, anchor, latents, cond, prior, config), key, meta,
-                                 TrainingLog(label, config.lam), progress, spec.delta_dtype)
-            if spec.resume:
-                training.resume()
-        if previewer is not None:
-            room = PreviewMemory(between_steps(need, memory.free), weights_resident=anchor.file is None)
-            progress.note = previewer.start(loaded.patcher, training.trainer.step_count, config.steps, room)
-            training.after_step = previewer
-        delta, training_log = training.run()
-    note = sampling_note(spec.model, delta.tensors, 1.0, spec.sampling)
-    if note:
-        progress.text(note)
-        log.warning("LipschitzPersonalize: %s", note)
-    return patched_model(spec.model, delta.tensors, sampling=spec.sampling), delta, training_log
+        finished = _load_finished(key, loaded.unet, progress)
+        if finished is not None:
+            delta, saved_log = finished
+            progress.text(f"loaded the finished run from models/lipschitz_deltas/{auto_path(key).name} "
+                          "(no training needed)")
+            progress.bar.update_absolute(config.steps)
+            progress.finish("loaded")
+            training_log = saved_log or TrainingLog(label, config.lam, status="loaded")
+        else:
+            progress.text("\n".join(n for n in (plan, dynamic_note, attention_note()) if n))
+            with torch.inference_mode(False):
+                # Tensors made (or loaded) under ComfyUI's inference mode cannot be saved for backward
+                # or updated in place.
+                training = _Training(_trainer(loaded, anchor, latents, cond, prior, config), key, meta,
+                                     TrainingLog(label, config.lam), progress, spec.delta_dtype)
+                if spec.resume:
+                    training.resume()
+            if previewer is not None:
+                room = PreviewMemory(between_steps(need, memory.free), weights_resident=anchor.file is None)
+                progress.note = previewer.start(loaded.patcher, training.trainer.step_count, config.steps, room)
+                training.after_step = previewer
+            delta, training_log = training.run()
+        note = sampling_note(spec.model, delta.tensors, 1.0, spec.sampling)
+        if note:
+            progress.text(note)
+            log.warning("LipschitzPersonalize: %s", note)
+        return patched_model(spec.model, delta.tensors, sampling=spec.sampling), delta, training_log
 
 
 def _load_finished(key: str, unet, progress: NodeProgress) -> tuple[TrainedDelta, TrainingLog | None] | None:
@@ -243,16 +245,14 @@ class _Training:
         start_step = self.trainer.step_count
         try:  # in ComfyUI's worker thread: a thread of ours is slower on a CPU (trainer/job.py)
             outcome = job.run(self.trainer, self._relay, comfy.model_management.processing_interrupted)
-        except BaseException as exc:
-            state = "interrupted" if isinstance(exc, comfy.model_management.InterruptProcessingException) else "failed"
+        except BaseException as exc:  # the node's NodeProgress.running marks the chart's state
             if self.trainer.step_count > start_step:
-                saved = self._save(self.partial, state)
+                saved = self._save(self.partial, stopped(exc))
                 log.warning("LipschitzPersonalize: stopped at step %d; saved %s", saved.steps_done, self.partial.name)
-            self.progress.finish(state)
             raise
         if outcome.status == "cancelled":
-            self._save(self.partial, "interrupted")
-            self.progress.finish("interrupted")
+            if outcome.steps_done > start_step:
+                self._save(self.partial, "interrupted")
             raise comfy.model_management.InterruptProcessingException()
         if outcome.status == "diverged":
             self._save(self.partial, "diverged")
