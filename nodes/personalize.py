@@ -15,7 +15,7 @@ from ..trainer.memory import MODES
 from ..trainer.preview import DEFAULT_EVERY, DEFAULT_SAMPLER_STEPS, DEFAULT_SIZE
 from .host.patches import SAMPLING
 from .host.run import RunSpec, personalize
-from .host.types import DeltaType, TrainingLogType
+from .host.types import DeltaType, EvalModelType, TrainingLogType
 
 
 SAMPLING_TOOLTIP = ("How the MODEL output carries the delta. patch: ComfyUI's own weight patch (as a LoRA; "
@@ -89,6 +89,10 @@ class LipschitzPersonalize(io.ComfyNode):
                              tooltip="Sampler steps of each preview image (euler, CFG 7)"),
                 io.Int.Input("preview_size", default=DEFAULT_SIZE, min=64, max=2048, step=64, optional=True,
                              tooltip="Width and height of the preview images in pixels"),
+                EvalModelType.Input("preview_encoder", optional=True,
+                                    tooltip="An Evaluation Model Loader's CLIP or DINO: the drift curve becomes 1 - "
+                                            "the cosine of its features to the base's image (what the drift metric "
+                                            "measures) instead of the pixel distance"),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -105,10 +109,11 @@ class LipschitzPersonalize(io.ComfyNode):
                 resolution=DEFAULTS.resolution, resume=False, class_images=None, class_prompt="",
                 prior_weight=DEFAULTS.prior_weight, delta_dtype=DEFAULT_DELTA_DTYPE, memory="auto",
                 sampling="patch", tf32=DEFAULTS.tf32, preview_every=DEFAULT_EVERY, preview_prompts="",
-                preview_steps=DEFAULT_SAMPLER_STEPS, preview_size=DEFAULT_SIZE) -> io.NodeOutput:
+                preview_steps=DEFAULT_SAMPLER_STEPS, preview_size=DEFAULT_SIZE, preview_encoder=None) -> io.NodeOutput:
         config = TrainConfig(steps=steps, lr=learning_rate, lam=lambda_reg, regularizer=regularizer, seed=seed,
                              batch_size=batch_size, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                              prior_weight=prior_weight, precision=precision, tf32=tf32)
         spec = RunSpec(model, clip, vae, images, prompt, config, resume, class_images, class_prompt, delta_dtype, memory,
-                       cls.hidden.prompt, sampling, preview_every, preview_prompts, preview_steps, preview_size)
+                       cls.hidden.prompt, sampling, preview_every, preview_prompts, preview_steps, preview_size,
+                       preview_encoder)
         return io.NodeOutput(*personalize(spec, cls.hidden.unique_id or "0"))

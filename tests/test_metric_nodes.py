@@ -191,3 +191,28 @@ def test_metric_loader_refuses_a_vision_only_file_with_what_it_expected(server, 
     assert result.status == "error"
     message = (result.error or {}).get("exception_message", "")
     assert "model_name:" in message and "vision-only CLIP" in message and "models/eval" in message, message
+
+
+def test_previews_measure_drift_in_a_connected_encoders_feature_space(server, clip):
+    """With ``preview_encoder`` connected, each preview's drift is one minus the cosine of that
+    encoder's features of the token-less prompt's image and the base's (here recomputed from the
+    images the events carry, with the same encoder loaded in this process), and it says so."""
+    import random
+
+    from test_server_nodes import _decoded, _run_ok, _saved
+    from tools.graphs import personalize_graph
+
+    graph = personalize_graph("feature_drift", steps=4, seed=random.randrange(1, 2**31), preview_every=2,
+                              preview_steps=2, preview_size=64, preview_encoder=["clip", 0])
+    graph["clip"] = {"class_type": "LipschitzEvalModelLoader", "inputs": {"model_name": "clip-vit-base-patch32"}}
+    result = _run_ok(server.client, _saved(graph))
+    events = result.events("lipschitz.preview")
+    assert [e["step"] for e in events] == [0, 2, 4]
+    assert all(e["drift_kind"] == "1 - cosine, tiny-clip" for e in events), events[0]["drift_kind"]
+    base = torch.from_numpy(_decoded(events[0]["base"][1])).float()[None]
+    for e in events[1:]:
+        probe = torch.from_numpy(_decoded(e["images"][1])).float()[None]
+        expected = 1.0 - scores.paired_cosine(clip.embed_images(probe), clip.embed_images(base))
+        assert e["drift"] == pytest.approx(expected, abs=2e-3)  # the PNGs' 8-bit rounding aside
+    assert events[-1]["drift"] > 1e-4, "the trained delta drew the base's image"
+    assert any("drift" in t and "1 - cosine of tiny-clip features" in t for t in result.texts_for("train"))

@@ -34,6 +34,17 @@ def test_drift_is_the_rms_pixel_distance_of_the_probes_only():
     assert drift(moved[:1], base[:1]) is None
 
 
+def test_feature_drift_is_one_minus_the_probes_mean_cosine_in_the_encoders_space():
+    g = torch.Generator().manual_seed(0)
+    base = [torch.rand(1, 4, 4, 3, generator=g) for _ in range(3)]
+    moved = [torch.rand(1, 4, 4, 3, generator=g) for _ in range(3)]
+    embed = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731 - the pixels as features
+    cos = [torch.nn.functional.cosine_similarity(embed(m), embed(b)).item() for m, b in zip(moved[1:], base[1:])]
+    assert drift(moved, base, embed) == pytest.approx(1 - sum(cos) / 2)
+    assert drift(base, base, embed) == pytest.approx(0.0, abs=1e-6)
+    assert drift(moved[:1], base[:1], embed) is None
+
+
 def test_a_preview_may_use_the_steps_activations_and_the_plans_headroom_only():
     plan = estimate("lean", params=859_520_964, largest=14_745_600, anchor_bytes=4, resolution=512)
     assert between_steps(plan, plan.total) == plan.parts["activations"]

@@ -5,14 +5,19 @@ model's image of the same prompt and seed (sampled once, before the first step).
 prompt is the instance prompt (is the subject there yet); the others are drift probes (prompts
 without the rare token: has the model forgotten what the class looks like).  The drift number is
 the root-mean-square pixel distance of the probes from the base's images, in the IMAGE range
-[0, 1] (0: the base's image exactly).  The host does the sampling (it needs the host's sampler);
+[0, 1] (0: the base's image exactly), or, with an evaluation encoder, one minus the cosine of
+their features (the drift metric's paired cosine, turned into a distance: 0 is no drift).  The host does the sampling (it needs the host's sampler);
 this module is the part that is the method's: what is shown and measured.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
 from torch import Tensor
+
+from .evaluation.scores import paired_cosine
 
 DEFAULT_EVERY = 100
 """Steps between previews.  At the paper's 1000 steps and the default preview (two prompts, 20
@@ -69,9 +74,14 @@ def pixel_distance(image: Tensor, base: Tensor) -> float:
     return float((image.double() - base.double()).square().mean().sqrt())
 
 
-def drift(images: list[Tensor], bases: list[Tensor]) -> float | None:
-    """Mean :func:`pixel_distance` of the drift probes (every prompt but the first) from the
-    base's images; ``None`` when there is no probe."""
-    probes = [pixel_distance(i, b) for i, b in zip(images[1:], bases[1:], strict=True)]
-    return sum(probes) / len(probes) if probes else None
+def drift(images: list[Tensor], bases: list[Tensor], embed: Callable[[Tensor], Tensor] | None = None) -> float | None:
+    """How far the drift probes (every prompt but the first) are from the base's images: the mean
+    :func:`pixel_distance`, or with ``embed`` (an encoder's image features) ``1 -`` their mean
+    paired cosine; ``None`` when there is no probe."""
+    pairs = list(zip(images[1:], bases[1:], strict=True))
+    if not pairs:
+        return None
+    if embed is None:
+        return sum(pixel_distance(i, b) for i, b in pairs) / len(pairs)
+    return 1.0 - paired_cosine(embed(torch.cat([i for i, _ in pairs])), embed(torch.cat([b for _, b in pairs])))
 

@@ -7,7 +7,8 @@
 // websocket reconnect, the chart refills from the read-only route GET /lipschitz/status.
 // Previews (event "lipschitz.preview", every preview_every steps): the latest images of the preview
 // prompts beside the base model's images of the same prompts and seeds, under the chart, and the
-// drift (RMS pixel distance of the token-less prompts' images from the base's) as a fourth panel.
+// drift (RMS pixel distance of the token-less prompts' images from the base's, or 1 - the cosine of
+// their features when an evaluation encoder is connected: the event's drift_kind) as a fourth panel.
 //
 // Events and the status route name a node by its execution id: its plain id for a node of the
 // root graph, "<instance id>:...:<node id>" for a node inside subgraph instances. A chart shows
@@ -32,7 +33,7 @@ const SERIES = [
   { key: "denoise", label: "denoise loss", color: "#4fc3f7" },
   { key: "lip", label: "L_lip", color: "#ffb74d" },
   { key: "delta_norm", label: "||delta||", color: "#81c784" },
-  { key: "drift", label: "drift (pixels vs base)", color: "#e57373", preview: true },
+  { key: "drift", label: "drift", color: "#e57373", preview: true }, // labelled with its kind (pixels or features)
 ];
 const GALLERY_HEIGHT = 130; // px under the chart once a run has previews
 
@@ -348,7 +349,8 @@ class Chart {
 
       ctx.fillStyle = s.color;
       const last = pts.length ? pts[pts.length - 1][1] : null;
-      ctx.fillText(`${s.label} ${last === null ? "-" : fmtValue(last)}`, pad.l + 2, top);
+      const label = s.preview ? `${s.label} (${preview?.drift_kind ?? "pixels"} vs base)` : s.label;
+      ctx.fillText(`${label} ${last === null ? "-" : fmtValue(last)}`, pad.l + 2, top);
       if (pts.length) {
         ctx.fillStyle = "#888";
         const range = `min ${fmtValue(rawLo)}  max ${fmtValue(rawHi)}`;

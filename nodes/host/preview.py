@@ -28,6 +28,7 @@ from torch import Tensor
 import comfy.model_management
 import comfy.sample
 
+from ...trainer.evaluation.evaluate import on_device
 from ...trainer.memory import GB
 from ...trainer.preview import SAMPLER, PreviewSettings, drift
 from ...trainer.render.images import to_pil
@@ -49,10 +50,15 @@ class PreviewMemory:
 class Previewer:
     """Samples :class:`PreviewSettings` prompts with the base (:meth:`start`) and at each preview
     step with the current delta (:meth:`__call__`), and shows them through ``progress``.  The
-    prompts are encoded when it is made, before the training loads its U-Net."""
+    prompts are encoded when it is made, before the training loads its U-Net.  With an
+    evaluation ``encoder`` (the metric nodes' CLIP or DINO) the drift is measured in its feature
+    space; it is lent the device for that and put back on the CPU."""
 
-    def __init__(self, settings: PreviewSettings, clip: Any, vae: Any, progress: NodeProgress) -> None:
-        self.settings, self.vae, self.progress = settings, vae, progress
+    def __init__(self, settings: PreviewSettings, clip: Any, vae: Any, progress: NodeProgress,
+                 encoder: Any = None) -> None:
+        self.settings, self.vae, self.progress, self.encoder = settings, vae, progress, encoder
+        self.drift_kind = "pixels" if encoder is None else f"1 - cosine, {encoder.name.split(' (')[0]}"
+        """What the drift measures, for the chart's label (the encoder's file name, not its architecture)."""
         self.patcher: Any = None
         self.due: set[int] = set()
         self.base: list[Tensor] = []
@@ -69,6 +75,8 @@ class Previewer:
         need += self.vae.memory_used_decode([1, 4, side, side], self.vae.vae_dtype)
         if torch.device(self.patcher.load_device).type != "cpu":
             need += self.vae.model_size() + (0 if weights_resident else self.patcher.model_size())
+            if self.encoder is not None:
+                need += sum(p.numel() * p.element_size() for p in self.encoder.model.parameters())
         return float(need)
 
     def start(self, patcher: Any, first: int, total: int, memory: PreviewMemory) -> str | None:
@@ -96,10 +104,17 @@ class Previewer:
         if step not in self.due:
             return
         images = self._sample_all()
-        self._publish(step, images, drift(images, self.base))
+        self._publish(step, images, self._drift(images))
+
+    def _drift(self, images: list[Tensor]) -> float | None:
+        if self.encoder is None:
+            return drift(images, self.base)
+        with on_device([self.encoder], torch.device(self.patcher.load_device)):
+            return drift(images, self.base, self.encoder.embed_images)
 
     def _publish(self, step: int, images: list[Tensor], value: float | None) -> None:
-        self.progress.preview(step, list(self.settings.prompts), [data_url(i) for i in images], self.base_urls, value)
+        self.progress.preview(step, list(self.settings.prompts), [data_url(i) for i in images], self.base_urls, value,
+                              self.drift_kind)
 
     def _sample_all(self) -> list[Tensor]:
         """One IMAGE per prompt, each from its own fixed seed; the models a preview loaded on a GPU

@@ -71,20 +71,22 @@ class NodeProgress:
                   + (f"\n{self.note}" if self.note else ""))
         self.bar.update_absolute(event["step"])
 
-    def preview(self, step: int, prompts: list[str], images: list[str], base: list[str], drift: float | None) -> None:
-        """Send one preview (PNG data URLs per prompt, the base's beside them, the drift) to the
-        queuing client's chart; the latest one, the base's and every drift value are kept for
-        the status route, so the panel survives a reload."""
-        payload = {"node": self.node_id, "step": step, "drift": drift, "prompts": prompts, "images": images,
-                   "base": base}
+    def preview(self, step: int, prompts: list[str], images: list[str], base: list[str], drift: float | None,
+                drift_kind: str = "pixels") -> None:
+        """Send one preview (PNG data URLs per prompt, the base's beside them, the drift and what
+        it measures) to the queuing client's chart; the latest one, the base's and every drift
+        value are kept for the status route, so the panel survives a reload."""
+        payload = {"node": self.node_id, "step": step, "drift": drift, "drift_kind": drift_kind, "prompts": prompts,
+                   "images": images, "base": base}
         with _lock:
             run = _runs[self.node_id]
             run["previews"] = {**payload, "drift": (run["previews"] or {}).get("drift", []) + [[step, drift]]}
         server = PromptServer.instance
         if server is not None:
             server.send_sync(PREVIEW_EVENT, payload, server.client_id)
-        self.text(f"preview at step {step}/{self.total}" + ("" if drift is None else f": drift {drift:.4f} "
-                                                               "(RMS pixel distance from the base's image)"))
+        how = ("RMS pixel distance from the base's image" if drift_kind == "pixels"
+               else f"{drift_kind.replace(', ', ' of ', 1)} features to the base's image")
+        self.text(f"preview at step {step}/{self.total}" + ("" if drift is None else f": drift {drift:.4f} ({how})"))
 
     def finish(self, state: str) -> None:
         with _lock:

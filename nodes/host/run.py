@@ -71,6 +71,8 @@ class RunSpec:
     """One prompt per line; empty: the instance prompt and the same prompt without its token."""
     preview_steps: int = DEFAULT_SAMPLER_STEPS
     preview_size: int = DEFAULT_SIZE
+    preview_encoder: Any = None
+    """An evaluation encoder (CLIP or DINO): the drift in its feature space instead of pixels."""
 
     def preview(self) -> PreviewSettings:
         """What to preview (seeded with the run's seed: the same run shows the same previews)."""
@@ -130,7 +132,8 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
                      encode_prompt(spec.clip, spec.class_prompt)[0])
         # The preview's prompts are encoded before the U-Net is loaded for training: loading CLIP
         # later could push the training's model off a GPU.
-        previewer = Previewer(spec.preview(), spec.clip, spec.vae, progress) if spec.preview_every > 0 else None
+        previewer = (Previewer(spec.preview(), spec.clip, spec.vae, progress, spec.preview_encoder)
+                     if spec.preview_every > 0 else None)
         loaded = load_for_training(base, COMPUTE_DTYPES[config.precision], weights_needed=anchor.file is None)
         base_id = fingerprint(loaded.unet)
         key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id,
