@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from lipschitz_personalize.trainer.render import grid
-from tools.comfy_server import PACK_DIR_NAME
 from tools import fold_workflows
+from tools.comfy_server import PACK_DIR_NAME
 from tools.fold_subgraph import SUBGRAPH_INPUT, SUBGRAPH_OUTPUT, FoldError, fold
 from tools.graphs import CKPT, install_subject
 from tools.make_tiny_encoders import ensure, stand_in
@@ -195,6 +195,22 @@ def test_bypassed_and_muted_subgraphs_and_promoted_widgets():
                 "links": [[1, 50, 0, 7, 0, "MODEL"]], "definitions": {"subgraphs": [TUNE]}}
     with pytest.raises(WorkflowConversionError, match="promoted widget 'model'"):
         convert(promoted, INFO)
+
+
+def test_a_primitive_node_feeding_a_subgraph_is_refused():
+    """Frontend 1.32.9 does not pass a PrimitiveNode's value into a subgraph (the inner samplers
+    keep their own seed): converting such a graph would run what the user does not see."""
+    wf = {**_chains_workflow(), "last_node_id": 10, "last_link_id": 10}
+    wf["nodes"].append({"id": 10, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [7, "fixed"],
+                        "outputs": [{"name": "INT", "type": "INT", "widget": {"name": "seed"}, "links": [9, 10]}]})
+    for link, trainer in ((9, 2), (10, 4)):
+        wf["links"].append([link, 10, 0, trainer, 1, "INT"])
+        next(n for n in wf["nodes"] if n["id"] == trainer)["inputs"].append(
+            {"name": "seed", "type": "INT", "link": link, "widget": {"name": "seed"}})
+    assert {convert(wf, INFO)[k]["inputs"]["seed"] for k in ("2", "4")} == {7}  # flat: the primitive's value
+    folded = fold(wf, [[2, 3], [4, 5]], "train and sample")
+    with pytest.raises(WorkflowConversionError, match="input 'seed' comes from a PrimitiveNode"):
+        convert(folded, INFO)
 
 
 def _chains_workflow(seed_b: int = 1) -> dict:

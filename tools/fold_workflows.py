@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.fold_subgraph import fold  # noqa: E402
+from tools.fold_subgraph import fold
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = REPO / "tools" / "workflow_sources"
@@ -35,7 +36,7 @@ TITLE = 30      # px of a node's title bar above its pos (LiteGraph.NODE_TITLE_H
 GAP = 40        # px between nodes of a column and between columns
 PAD = 20        # px of a group box around its nodes (below the group's title bar)
 GROUP_TITLE = 34
-ORIGIN = (125, 290)  # the view offset: the top-left group box starts right of the sidebar, below the tabs
+ORIGIN = (125, 290)  # the view offset: the graph starts right of the side bar, below the Run bar
 GROUP_COLOR = "#3f789e"
 # The sizes frontend 1.32.9 grows these nodes to on load (measured in the browser test): stored
 # as they will be drawn, so that the layout leaves room for them.
@@ -43,7 +44,7 @@ DRAWN_SIZES = {"LipschitzPersonalize": [360, 902], "LipschitzLoadReferenceImages
                "LipschitzLabeledGrid": [420, 466]}
 
 
-Key = "int | str"  # a node id of the source, or "copy k": the instance of the k-th copy
+Key = int | str  # a node id of the source, or "copy k": the instance of the k-th copy
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ class Spec:
     name: str
     groups: list[list[int]]
     titles: list[str]
-    columns: list[list[list]]
-    inner: list[list[list]]
-    sizes: dict
-    boxes: list[tuple[str, list]]
+    columns: list[list[list[Key]]]
+    inner: list[list[list[int]]]
+    sizes: dict[Key, list[int]]
+    boxes: list[tuple[str, list[Key]]]
     scale: float
 
 
@@ -84,7 +85,7 @@ COMPARE_LAMBDA = Spec(
              [[10, 17, 24, 31], ["copy 0", "copy 1", "copy 2", "copy 3"], [4, 5, 6, 7], [8, 9, 42, 43]],
              [[38, 39], [40, 41], [68, 69]]],
     inner=[[[11], [12], [13]], [[14], [15], [16]], [[46], [47]], [[56], [57], [58]]],
-    sizes={1: [460, 520], "CLIPTextEncode": [360, 110], "SaveImage": [320, 320], "copy": [360, 330]},
+    sizes={1: [460, 470], "CLIPTextEncode": [360, 110], "SaveImage": [320, 320], "copy": [360, 330]},
     boxes=[("Base model and photos", [2, 3]),
            ("Scoring models", [54, 55]),
            ("Drift reference (base)", [44, 45]),
@@ -134,7 +135,9 @@ SPECS: dict[str, Spec] = {"compare_lambda": COMPARE_LAMBDA, "dreambooth_vs_lipsc
                           "drift_check": DRIFT_CHECK}
 
 
-def _size(spec: Spec, key, node: dict) -> list[int]:
+def _size(spec: Spec, key: Key, node: dict) -> list[int]:
+    """The size to store: the spec's for this key ("copy" for every instance) or node type, else
+    the drawn size of the type, else the source's."""
     sizes = {**DRAWN_SIZES, **spec.sizes}
     for k in (key, str(key).split(" ")[0], node["type"]):
         if k in sizes:
@@ -142,7 +145,8 @@ def _size(spec: Spec, key, node: dict) -> list[int]:
     return list(node["size"])
 
 
-def _place(nodes: dict, columns: list[list[list]], sizes, boxed: set = frozenset()) -> None:
+def _place(nodes: dict, columns: list[list[list[Key]]], sizes: Callable[[Key], list[int]],
+           boxed: frozenset = frozenset()) -> None:
     """Columns left to right from x = 0, rows top to bottom from y = 0 (a node's title bar is
     above its pos); each column's cells as wide as its widest node; a row that starts a group
     box (its first key in ``boxed``) leaves room for the box's title bar."""
@@ -170,7 +174,8 @@ def _layout(folded: dict, spec: Spec) -> None:
     missing = set(by_id) - {nodes[k]["id"] for k in keys}
     if missing:
         raise ValueError(f"{spec.name}: nodes {sorted(missing)} are in no column")
-    _place(nodes, spec.columns, lambda key: _size(spec, key, nodes[key]), {keys[0] for _, keys in spec.boxes})
+    _place(nodes, spec.columns, lambda key: _size(spec, key, nodes[key]),
+           frozenset(keys[0] for _, keys in spec.boxes))
     folded["groups"] = []
     for gid, (title, members) in enumerate(spec.boxes, start=1):
         box = [nodes[k] for k in members]
