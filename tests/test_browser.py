@@ -6,8 +6,11 @@ tests/artifacts/browser/ (git-ignored by a .gitignore written there).
 
 The helpers (launching the browser, collecting console errors, opening the frontend, queueing
 from the page, waiting for the server to be idle) are shared by the tests: the live chart on a
-small graph, and every bundled workflow opened from the templates browser (``compare_lambda``
-then queued, shrunk, from the page). One chromium and one bare-frontend baseline serve the module.
+small graph, and every bundled workflow opened from the templates browser (each must show all
+its top level on one 1920x1200 screen, readable, as it opens; ``compare_lambda`` is then queued,
+shrunk, from the page, and the prompt the frontend sends compared with the converter's). One
+chromium and one bare-frontend baseline serve the module. ``tools/make_thumbnails.py`` makes the
+workflows' thumbnails from this test's screenshots.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from PIL import Image
 from tools.graphs import CKPT, RES, install_subject
 from tools.comfy_server import PACK_DIR_NAME, ComfyServer, ComfyServerError
 from tools.make_tiny_encoders import ensure, stand_in
+from tools.workflow_convert import convert
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -313,17 +317,58 @@ def missing_warnings(page, wait: float = 1.5) -> list[str]:
     return found + [f"toast: {toasts.nth(i).inner_text()}" for i in range(toasts.count())]
 
 
+# Every node of the loaded graph: the top level's, then each subgraph definition's once (the
+# instances of one definition share its nodes). Shared by the page scripts below.
+ALL_NODES_JS = """const allNodes = () => [...window.app.graph._nodes,
+    ...[...(window.app.graph.subgraphs || new Map()).values()].flatMap(s => s._nodes || s.nodes)];"""
+
+
 def graph_summary(page) -> dict:
-    return page.evaluate("""() => {
-        const nodes = window.app.graph._nodes;
+    """Node types of the top level and inside the subgraphs, and what would stop a run: node
+    types the frontend does not know, nodes with errors, combo values the server does not offer."""
+    return page.evaluate("() => {" + ALL_NODES_JS + """
+        const subgraphs = window.app.graph.subgraphs || new Map();
+        const nodes = allNodes().filter(n => !subgraphs.has(n.type));  // instances: their inner nodes count
         return {
-            types: nodes.map(n => n.type),
+            types: window.app.graph._nodes.map(n => n.type),
+            inner_types: [...subgraphs.values()].flatMap(s => (s._nodes || s.nodes).map(n => n.type)),
             unregistered: nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type),
             errors: nodes.filter(n => n.has_errors).map(n => `${n.id} ${n.type}`),
             // combo values the server does not offer, on nodes that run (mode 0)
             combos: nodes.filter(n => n.mode === 0).flatMap(n => (n.widgets || []).filter(w => w.type === "combo"
                 && Array.isArray(w.options && w.options.values) && !w.options.values.includes(w.value))
                 .map(w => `${n.id} ${n.type}.${w.name}=${w.value}`)),
+        };
+    }""")
+
+
+def view_on_load(page) -> dict:
+    """What the frontend shows of the loaded graph, as it opened it: the zoom, whether that zoom
+    draws text (below ``low_quality`` the frontend draws boxes without titles or widgets), the
+    part of the canvas nothing of the frontend covers (the side bar, the tab bar, the breadcrumb
+    and Run bars, the minimap), and the top level's nodes (title bar included) outside it or
+    on top of each other."""
+    return page.evaluate("""() => {
+        const c = window.app.canvas, r = c.canvas.getBoundingClientRect();
+        const rect = sel => [...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect())
+            .filter(b => b.width > 0 && b.height > 0);
+        const side = rect(".side-tool-bar-container"), tabs = rect(".workflow-tabs-container");
+        const bars = [...tabs, ...rect(".p-breadcrumb"), ...rect(".actionbar-container")];
+        const floating = rect(".minimap-main-container");
+        const view = {left: Math.max(r.left, ...side.map(b => b.right)), top: Math.max(r.top, ...bars.map(b => b.bottom)),
+                      right: r.right, bottom: r.bottom};
+        const [sx, sy] = c.ds.offset, s = c.ds.scale;
+        const boxes = c.graph._nodes.map(n => { const b = n.getBounding();
+            return {id: n.id, title: n.title, left: (b[0] + sx) * s + r.left, top: (b[1] + sy) * s + r.top,
+                    right: (b[0] + b[2] + sx) * s + r.left, bottom: (b[1] + b[3] + sy) * s + r.top}; });
+        const meets = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+        return {
+            scale: s, low_quality: c.low_quality, nodes: boxes.length, view, found: {side: side.length, tabs: tabs.length},
+            outside: boxes.filter(b => b.left < view.left || b.top < view.top || b.right > view.right
+                || b.bottom > view.bottom || floating.some(f => meets(b, f)))
+                .map(b => `${b.id} ${b.title} [${[b.left, b.top, b.right, b.bottom].map(Math.round)}]`),
+            overlapping: boxes.flatMap((a, i) => boxes.slice(i + 1).filter(b => meets(a, b))
+                .map(b => `${a.id} ${a.title} / ${b.id} ${b.title}`)),
         };
     }""")
 
@@ -468,17 +513,18 @@ def test_chart_draws_live_steps_and_refills_after_reload(comfy_server, baseline,
 
 
 def _shrink_and_reseed(page, seed: int) -> dict:
-    """Make the loaded compare_lambda cheap through its widgets (as a user would edit them):
-    few training steps at 64 px, a new training seed (a new run key, so no finished run is
-    reloaded from disk), 64 px latents, one sampling step. Returns {node type: nodes changed}."""
-    return page.evaluate("""([seed, steps]) => {
+    """Make the loaded compare_lambda cheap through its widgets (as a user would edit them, inside
+    its subgraph too): few training steps at 64 px, a new training seed (a new run key, so no
+    finished run is reloaded from disk), 64 px latents, one sampling step, and ``seed`` as the
+    evaluation seed. Returns {node type: nodes changed}."""
+    return page.evaluate("([seed, steps]) => {" + ALL_NODES_JS + """
         const changed = {};
         const set = (n, name, v) => {
             const w = (n.widgets || []).find(w => w.name === name);
             if (!w) throw new Error(`${n.type} ${n.id} has no widget ${name}`);
             w.value = v;
         };
-        for (const n of window.app.graph._nodes) {
+        for (const n of allNodes()) {  // the samplers inside the subgraphs too
             if (n.type === "LipschitzPersonalize") {
                 set(n, "steps", steps); set(n, "resolution", 64); set(n, "learning_rate", 1e-4); set(n, "seed", seed);
             } else if (n.type === "LipschitzLoadReferenceImages") {
@@ -487,12 +533,25 @@ def _shrink_and_reseed(page, seed: int) -> dict:
                 set(n, "width", 64); set(n, "height", 64);
             } else if (n.type === "KSampler") {
                 set(n, "steps", 1);
+            } else if (n.type === "PrimitiveInt" && n.title === "evaluation seed") {
+                set(n, "value", seed);
             } else continue;
             changed[n.type] = (changed[n.type] || 0) + 1;
         }
         window.app.graph.setDirtyCanvas(true, true);
         return changed;
     }""", [seed, TEMPLATE_STEPS])
+
+
+def _inner_types(workflow: dict) -> list[str]:
+    """Node types inside a workflow's subgraph definitions (each definition once)."""
+    return [n["type"] for sg in (workflow.get("definitions") or {}).get("subgraphs") or [] for n in sg["nodes"]]
+
+
+def _wiring(prompt: dict) -> dict:
+    """An API prompt without its literal values: each node's type and where its links come from."""
+    return {nid: (n["class_type"], {k: v for k, v in n["inputs"].items() if isinstance(v, list)})
+            for nid, n in prompt.items()}
 
 
 def _beyond(log: ConsoleLog, baseline: set[str]) -> set[str]:
@@ -545,8 +604,17 @@ def test_bundled_workflows_open_from_the_templates_browser_and_compare_lambda_ru
             assert not page.locator(".p-dialog:visible").count(), f"{stem}: a dialog opened on load"
             graph = graph_summary(page)
             assert collections.Counter(graph["types"]) == collections.Counter(n["type"] for n in wf["nodes"]), stem
+            assert collections.Counter(graph["inner_types"]) == collections.Counter(_inner_types(wf)), stem
             assert not graph["unregistered"] and not graph["errors"], (stem, graph)
             assert not graph["combos"], f"{stem}: combo values the server does not offer: {graph['combos']}"
+            # Read at a glance: as opened, the whole top level is on this screen, at a zoom that
+            # draws titles and widgets, no node on another.
+            view = view_on_load(page)
+            print(f"{stem} opens at {view['scale']:.2f}: {view['nodes']} nodes in {view['view']}")
+            assert view["found"]["side"] and view["found"]["tabs"], view  # the frontend's layout as measured
+            assert not view["low_quality"], f"{stem} opens at zoom {view['scale']}: the frontend draws no text"
+            assert not view["outside"], f"{stem}: nodes off the screen as opened: {view['outside']}"
+            assert not view["overlapping"], f"{stem}: nodes on top of each other: {view['overlapping']}"
             fit_view(page)
             screenshot(page, f"template_{stem}.png")
             extra = _beyond(log, baseline)
@@ -558,11 +626,24 @@ def test_bundled_workflows_open_from_the_templates_browser_and_compare_lambda_ru
         # compare_lambda, shrunk through its widgets and queued from the page.
         seed = random.randrange(1, 2**31)
         changed = _shrink_and_reseed(page, seed)
-        kinds = ("LipschitzPersonalize", "LipschitzLoadReferenceImages", "EmptyLatentImage", "KSampler")
-        shipped = collections.Counter(n["type"] for n in workflows["compare_lambda"]["nodes"] if n["type"] in kinds)
+        kinds = ("LipschitzPersonalize", "LipschitzLoadReferenceImages", "EmptyLatentImage", "KSampler", "PrimitiveInt")
+        folded = workflows["compare_lambda"]
+        shipped = collections.Counter(t for t in [n["type"] for n in folded["nodes"]] + _inner_types(folded) if t in kinds)
         assert changed == dict(shipped), changed  # every node of those kinds was shrunk
+        posted: list[dict] = []
+        page.on("request", lambda r: r.url.endswith("/prompt") and r.method == "POST" and posted.append(r.post_data_json))
         t_run = time.monotonic()
         prompt_id = queue_loaded(page)
+        # The frontend flattened the subgraphs as tools/workflow_convert.py does (the tests run
+        # the shipped files through it): the same node ids, types and links. And the one
+        # evaluation seed reached every sampler, inside the subgraph instances too.
+        (sent,) = [body["prompt"] for body in posted]
+        expected = convert(folded, client.object_info())
+        assert _wiring(sent) == _wiring(expected)
+        (seed_id,) = [nid for nid, n in sent.items() if n["_meta"]["title"] == "evaluation seed"]
+        seeds = {nid: n["inputs"]["seed"] for nid, n in sent.items() if n["class_type"] == "KSampler"}
+        assert len(seeds) == 4 * 4 + 1 and all(s == [seed_id, 0] for s in seeds.values()), seeds  # 4 per model, the base's drift
+        assert sent[seed_id]["inputs"]["value"] == seed, sent[seed_id]
         entry = wait_for_prompt(client, prompt_id)
         assert entry["status"]["status_str"] == "success", entry["status"]
         wait_for_idle(client)

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from lipschitz_personalize.trainer.render import grid
+from tools import fold_workflows
 from tools.comfy_server import PACK_DIR_NAME
-from tools.fold_subgraph import FoldError, fold
+from tools.fold_subgraph import SUBGRAPH_INPUT, SUBGRAPH_OUTPUT, FoldError, fold
 from tools.graphs import CKPT, install_subject
 from tools.make_tiny_encoders import ensure, stand_in
 from tools.workflow_convert import (WorkflowConversionError, apply_overrides, convert, output_nodes,
@@ -196,6 +197,22 @@ def test_bypassed_and_muted_subgraphs_and_promoted_widgets():
         convert(promoted, INFO)
 
 
+def test_a_primitive_node_feeding_a_subgraph_is_refused():
+    """Frontend 1.32.9 does not pass a PrimitiveNode's value into a subgraph (the inner samplers
+    keep their own seed): converting such a graph would run what the user does not see."""
+    wf = {**_chains_workflow(), "last_node_id": 10, "last_link_id": 10}
+    wf["nodes"].append({"id": 10, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [7, "fixed"],
+                        "outputs": [{"name": "INT", "type": "INT", "widget": {"name": "seed"}, "links": [9, 10]}]})
+    for link, trainer in ((9, 2), (10, 4)):
+        wf["links"].append([link, 10, 0, trainer, 1, "INT"])
+        next(n for n in wf["nodes"] if n["id"] == trainer)["inputs"].append(
+            {"name": "seed", "type": "INT", "link": link, "widget": {"name": "seed"}})
+    assert {convert(wf, INFO)[k]["inputs"]["seed"] for k in ("2", "4")} == {7}  # flat: the primitive's value
+    folded = fold(wf, [[2, 3], [4, 5]], "train and sample")
+    with pytest.raises(WorkflowConversionError, match="input 'seed' comes from a PrimitiveNode"):
+        convert(folded, INFO)
+
+
 def _chains_workflow(seed_b: int = 1) -> dict:
     """A checkpoint, two copies of train -> sample (each sampling from its own checkpoint) and
     a consumer of each copy's sample."""
@@ -216,6 +233,20 @@ def _chains_workflow(seed_b: int = 1) -> dict:
                   [7, 3, 0, 6, 0, "MODEL"], [8, 5, 0, 7, 0, "MODEL"]]}
 
 
+def _unfolded_ids(instances: list[int], groups: list[list[int]]) -> dict[str, str]:
+    """API id of each node inside an instance ("70:11") -> its id in the unfolded workflow: the
+    k-th instance runs the k-th copy (its inner ids are the first copy's)."""
+    return {f"{inst}:{inner}": str(orig) for inst, group in zip(instances, groups)
+            for inner, orig in zip(groups[0], group)}
+
+
+def _renamed(api: dict, names: dict[str, str]) -> dict:
+    """The prompt under the unfolded ids, without titles (what the server runs)."""
+    return {names.get(k, k): {"class_type": v["class_type"], "inputs": {
+        n: [names.get(x[0], x[0]), x[1]] if isinstance(x, list) else x for n, x in v["inputs"].items()}}
+        for k, v in api.items()}
+
+
 def test_folding_repeated_chains_into_a_subgraph_keeps_the_prompt():
     """Folded, each copy is an instance of one subgraph; the frontend's flattening gives the
     unfolded workflow's prompt back, under the instances' ids."""
@@ -225,16 +256,8 @@ def test_folding_repeated_chains_into_a_subgraph_keeps_the_prompt():
     assert [i["name"] for i in sub["inputs"]] == ["model", "positive"] and len(sub["outputs"]) == 1
     instances = [n["id"] for n in folded["nodes"] if n["type"] == sub["id"]]
     assert len(instances) == 2 and len(folded["nodes"]) == len(wf["nodes"]) - 2
-    names = {f"{inst}:{inner}": str(orig) for inst, group in zip(instances, ([2, 3], [4, 5]))
-             for inner, orig in zip((2, 3), group)}
-
-    def canon(api: dict) -> dict:
-        """The prompt under the unfolded ids, without titles."""
-        return {names.get(k, k): {"class_type": v["class_type"], "inputs": {
-            n: [names.get(x[0], x[0]), x[1]] if isinstance(x, list) else x for n, x in v["inputs"].items()}}
-            for k, v in api.items()}
-
-    assert canon(convert(folded, INFO)) == canon(convert(wf, INFO))
+    names = _unfolded_ids(instances, [[2, 3], [4, 5]])
+    assert _renamed(convert(folded, INFO), names) == _renamed(convert(wf, INFO), {})
     with pytest.raises(FoldError, match="node 5 \\(KSampler\\) is not a copy of node 3"):
         fold(_chains_workflow(seed_b=2), [[2, 3], [4, 5]], "train and sample")
 
@@ -376,35 +399,74 @@ def test_workflow_templates_route_lists_the_shipped_files(server):
     assert served == _load(REPO / "workflows" / "compare_lambda.json")
 
 
+def _link_rows(graph: dict) -> list[tuple]:
+    """(id, origin, origin slot, target, target slot, type) of a graph's links, either format."""
+    keys = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+    return [tuple(link[k] for k in keys) if isinstance(link, dict) else tuple(link) for link in graph["links"]]
+
+
+def _check_links(graph: dict, where: str) -> None:
+    """The link table and the nodes' slots agree (a subgraph's links may start at its input
+    node, -10, and end at its output node, -20)."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert len(nodes) == len(graph["nodes"]), where
+    for link_id, src, src_slot, dst, dst_slot, typ in _link_rows(graph):
+        if src != SUBGRAPH_INPUT:
+            out = nodes[src]["outputs"][src_slot]
+            assert link_id in out["links"] and out["type"] == typ, (where, link_id, out)
+        if dst != SUBGRAPH_OUTPUT:
+            inp = nodes[dst]["inputs"][dst_slot]
+            assert inp["link"] == link_id and inp["type"] in (typ, "*"), (where, link_id, inp)
+    ids = {row[0] for row in _link_rows(graph)}
+    for n in graph["nodes"]:
+        assert all(inp["link"] is None or inp["link"] in ids for inp in n["inputs"]), (where, n["id"])
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_shipped_workflow_is_well_formed(path, object_info):
-    """What the frontend relies on: link table and slots agree, known node types, a Note."""
+    """What the frontend relies on: link tables and slots agree at the top level and inside each
+    subgraph, known node types, a Note."""
     wf = _load(path)
     assert wf["version"] == 0.4 and isinstance(wf["groups"], list)
-    nodes = {n["id"]: n for n in wf["nodes"]}
-    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
+    subgraphs = {sg["id"]: sg for sg in (wf.get("definitions") or {}).get("subgraphs") or []}
+    assert wf["last_node_id"] >= max(n["id"] for n in wf["nodes"])
     assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
-    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
-        out = nodes[src]["outputs"][src_slot]
-        inp = nodes[dst]["inputs"][dst_slot]
-        assert link_id in out["links"] and inp["link"] == link_id, link_id
-        assert out["type"] == typ and inp["type"] in (typ, "*"), (link_id, out, inp)
-    for n in wf["nodes"]:
+    _check_links(wf, path.stem)
+    for sg in subgraphs.values():
+        _check_links(sg, f"{path.stem}/{sg['name']}")
+        assert all(port["linkIds"] for port in sg["inputs"] + sg["outputs"]), sg["name"]
+    every = wf["nodes"] + [n for sg in subgraphs.values() for n in sg["nodes"]]
+    for n in every:
         assert {"id", "type", "pos", "size", "mode", "inputs", "outputs", "properties"} <= set(n), n["id"]
-        assert n["type"] in object_info or n["type"] in ("Note", "PrimitiveNode"), n["type"]
-        for inp in n["inputs"]:
-            assert inp["link"] is None or any(l[0] == inp["link"] for l in wf["links"])
+        assert n["type"] in object_info or n["type"] in subgraphs or n["type"] in ("Note", "PrimitiveNode"), n["type"]
     notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
     assert notes and all(w in notes[0] for w in ("sks", "input/dog", "v1-5-pruned-emaonly.safetensors"))
-    for n in wf["nodes"]:
+    for n in every:
         if n["type"] == "LipschitzEvalModelLoader":  # the Note says where that model goes
             assert f"models/eval/{n['widgets_values'][0]}/" in notes[0], n["widgets_values"]
-    ckpts = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    ckpts = [n["widgets_values"][0] for n in every if n["type"] == "CheckpointLoaderSimple"]
     assert ckpts == ["v1-5-pruned-emaonly.safetensors"]
-    for n in wf["nodes"]:
+    for n in every:
         if n["type"] == "LipschitzPersonalize":
             api = widget_inputs(n, object_info["LipschitzPersonalize"])
             assert (api["steps"], api["learning_rate"], api["seed"], api["resolution"]) == (1000, 2e-6, 2025, 512)
+
+
+@pytest.mark.parametrize("stem", sorted(fold_workflows.SPECS))
+def test_folded_workflow_runs_exactly_its_flat_sources_prompt(stem, object_info):
+    """A folded shipped file is what ``tools/fold_workflows.py`` writes from its flat source, and
+    the server runs the same prompt from either: the same nodes, values and links, the nodes
+    inside the k-th instance standing for the k-th copy of the chain."""
+    shipped = _load(REPO / "workflows" / f"{stem}.json")
+    assert (REPO / "workflows" / f"{stem}.json").read_text() == fold_workflows.render(fold_workflows.build(stem)), \
+        f"workflows/{stem}.json is not up to date: run python tools/fold_workflows.py"
+    spec = fold_workflows.SPECS[stem]
+    by_title = {n.get("title"): n["id"] for n in shipped["nodes"]}
+    names = _unfolded_ids([by_title[t] for t in spec.titles], spec.groups)
+    source = convert(_load(fold_workflows.SOURCES / f"{stem}.json"), object_info)
+    folded = _renamed(convert(shipped, object_info), names)
+    assert set(folded) == set(source) and len(source) > len(shipped["nodes"])  # the fold hides nodes, drops none
+    assert folded == _renamed(source, {})
 
 
 _RUNS: dict[str, tuple[dict, object]] = {}

@@ -26,7 +26,9 @@ This module reproduces the parts of it that matter for the pack's graphs:
   (1.32.9's ``resolveOutput`` does); a muted or bypassed instance's inner nodes are left out,
   what muting an instance means to a user (1.32.9's DTOs read only each inner node's own mode:
   not checked by running). A promoted widget (an instance input with no link that sets an inner
-  widget) is refused: the shipped files link such inputs;
+  widget) is refused: the shipped files link such inputs. So is a ``PrimitiveNode`` feeding an
+  instance: 1.32.9 sends the inner widgets' own values, not the primitive's (seen in the browser
+  test), so no prompt would say what the graph shows;
 * UI-only nodes (``Note``, ``MarkdownNote``, ``PrimitiveNode``, ``Reroute``) are dropped;
   muted nodes (mode 2) are left out together with the inputs they fed; bypassed nodes
   (mode 4) are left out and their consumers get the bypassed node's input of the same type
@@ -190,6 +192,12 @@ class _Graph:
             if inp.get("link") is None and inp.get("widget") is not None:
                 raise WorkflowConversionError(f"subgraph instance {self.parent.api_id(instance['id'])}: the promoted "
                                               f"widget {inp['name']!r} is not supported here; link the input instead")
+            outer = self.parent.links.get(inp.get("link"))
+            if outer and (self.parent.nodes.get(outer[0]) or {}).get("type") == "PrimitiveNode":
+                raise WorkflowConversionError(
+                    f"subgraph instance {self.parent.api_id(instance['id'])}: input {inp['name']!r} comes from a "
+                    f"PrimitiveNode, whose value the frontend does not pass into a subgraph (the inner widgets keep "
+                    f"their own values); feed it from a Primitive node that runs (PrimitiveInt, PrimitiveFloat, ...)")
             return self.parent.resolve(inp.get("link"), seen)
         node = self.nodes.get(node_id)
         if node is None:
