@@ -26,7 +26,8 @@ def test_every_block_is_present_and_filled():
                      "method.md": {"toy-table"},
                      "toy.md": {"toy-table", "toy-per-seed", "toy-comparison"},
                      "lora.md": {"lora-table", "lora-microworld", "lora-fullsize"},
-                     "microworld.md": {"microworld-accuracy", "microworld-sweep"}}
+                     "microworld.md": {"microworld-accuracy", "microworld-sweep"},
+                     "preview.md": {"preview-cost"}}
     for doc in render_docs.DOCS:
         for m in render_docs.BLOCK.finditer(doc.read_text()):
             assert m.group("body").count("\n|") >= 3, f"{doc.name}:{m.group('name')} is empty"
