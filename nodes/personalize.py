@@ -79,7 +79,7 @@ class LipschitzPersonalize(io.ComfyNode):
                 io.Int.Input("preview_every", default=DEFAULT_EVERY, min=0, max=100000, optional=True,
                              tooltip="Sample the preview prompts from the current delta every N training steps, "
                                      "beside the base model's image of the same prompt and seed, and chart the drift "
-                                     "(0 = off; the default costs about 6% of the paper's run). Skipped, and said so, "
+                                     "(0 = off; the default costs under 10% of the paper's run, docs/preview.md). Skipped, and said so, "
                                      "where it would not fit the memory the pre-flight check planned"),
                 io.String.Input("preview_prompts", default="", multiline=True, optional=True,
                                 tooltip="One prompt per line: the first shows the subject, the others measure drift. "

@@ -10,10 +10,12 @@ no gradient), and one VAE decode.  Each part runs in a fresh child process that 
 model (seeded random weights, no download), runs the part once to warm up and then ``--reps``
 times; the figure is the median time and the peak RSS above the RSS before the part ran (glibc's
 mmap threshold fixed, as tools/bench_fullsize.py does, so freed tensors leave RSS).  One JSON
-line per part, then the per-preview total for ``--prompts`` prompts and ``--sampler-steps``.
-The training step it is compared with is not run here (a full-size step at 512 px does not fit
-this machine's RAM beside the faithful state): docs/preview.md takes it from
-docs/bench_fullsize.json and says so.
+line per part, then the per-preview total for ``--prompts`` prompts and ``--sampler-steps``
+and what it costs in training steps: the ``step`` part times one training step of the same
+U-Net in memory mode ``--mode`` (faithful: the paper's) at ``--train-size`` with gradient
+checkpointing, batch 1, in the same run, by default at the paper's 512 px (about 19 GB of RAM
+for ``faithful``; ``--train-size 256`` or a leaner ``--mode`` where that does not fit: a smaller
+step makes the ratio an upper bound of the paper's).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import comfy_ready, eps_fn, make_unet  # noqa: E402
+from bench_models import comfy_ready, eps_fn, make_unet, mode_trainer  # noqa: E402
 
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -41,10 +43,10 @@ def _rss() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _timed(run, reps: int) -> dict:
+def _timed(run, reps: int, grad: bool = False) -> dict:
     import torch
 
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         run()  # warm-up
         before = _rss()
         times = []
@@ -56,12 +58,16 @@ def _timed(run, reps: int) -> dict:
     return {"seconds": statistics.median(times), "peak_gb_above": max(peak - before, 0) / 1e9}
 
 
-def child(part: str, tiny: bool, size: int, reps: int) -> dict:
+def child(part: str, tiny: bool, size: int, reps: int, mode: str) -> dict:
     import torch
 
     comfy_ready(cpu=True)
     torch.manual_seed(0)
     side = size // 8
+    if part == "step":
+        trainer = mode_trainer(make_unet(tiny), mode, latent=side)
+        with trainer.running():
+            return _timed(trainer.step, reps, grad=True)
     if part == "unet":
         from lipschitz_personalize.trainer.delta import ParameterDelta
 
@@ -84,25 +90,32 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--child", choices=("unet", "vae"), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="faithful", help="memory mode of the training step compared with")
+    ap.add_argument("--train-size", type=int, default=512, help="training resolution of that step, in pixels")
+    ap.add_argument("--child", choices=("unet", "vae", "step"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tiny, args.size, args.reps)))
+        print(json.dumps(child(args.child, args.tiny, args.size, args.reps, args.mode)))
         return
     model = "test U-Net (25.8M)" if args.tiny else "full-size SD1.5 U-Net (859.5M)"
     parts = {}
-    for part in ("unet", "vae"):
-        cmd = [sys.executable, __file__, "--child", part, "--size", str(args.size), "--reps", str(args.reps)]
+    for part, size in (("unet", args.size), ("vae", args.size), ("step", args.train_size)):
+        cmd = [sys.executable, __file__, "--child", part, "--size", str(size), "--reps", str(args.reps),
+               "--mode", args.mode]
         out = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=CHILD_ENV, check=True,
                              capture_output=True, text=True).stdout
         parts[part] = json.loads(out.strip().splitlines()[-1])
         what = {"unet": f"{model} forward, CFG batch 2, delta applied, no grad",
-                "vae": "SD1.5 VAE decode, batch 1"}[part]
-        print(json.dumps({"part": part, "size": args.size, "what": what, **parts[part]}))
+                "vae": "SD1.5 VAE decode, batch 1",
+                "step": f"{model} training step, {args.mode}, batch 1, gradient checkpointing"}[part]
+        print(json.dumps({"part": part, "size": size, "what": what, **parts[part]}))
     per_prompt = args.sampler_steps * parts["unet"]["seconds"] + parts["vae"]["seconds"]
+    seconds = args.prompts * per_prompt
     print(json.dumps({"part": "preview", "size": args.size, "prompts": args.prompts, "sampler_steps": args.sampler_steps,
-                      "model": model, "seconds": args.prompts * per_prompt,
+                      "model": model, "seconds": seconds,
                       "peak_gb_above": max(parts["unet"]["peak_gb_above"], parts["vae"]["peak_gb_above"]),
+                      "training_steps": seconds / parts["step"]["seconds"], "mode": args.mode,
+                      "train_size": args.train_size,
                       "date": time.strftime("%Y-%m-%d"), "device": "cpu",
                       "command": " ".join(["python tools/bench_preview.py", *sys.argv[1:]])}))
 

@@ -36,6 +36,7 @@ LORA = REPO_ROOT / "docs" / "lora.json"
 MICROWORLD_ACCURACY = REPO_ROOT / "docs" / "microworld_accuracy.json"  # tools/microworld/prompt_accuracy.py
 MICROWORLD_SWEEP = REPO_ROOT / "docs" / "microworld_sweep.json"  # tools/microworld/sweep.py
 PREVIEW = REPO_ROOT / "docs" / "bench_preview.jsonl"  # tools/bench_preview.py
+PAPER_STEPS = 1000
 GPU = REPO_ROOT / "docs" / "gpu"
 # The GPU runs (tools/bench_gpu.py output, one JSON line per figure) and the modes each one
 # measured as the code defines them today: the first run measured 12gb/8gb with bf16 compute,
@@ -387,17 +388,25 @@ def microworld_sweep() -> str:
 
 
 def preview_cost() -> str:
-    """A preview's parts timed on the CPU with the full-size models (docs/bench_preview.jsonl,
-    ``tools/bench_preview.py``; the last line of each part)."""
+    """A preview's parts and a training step timed in one run on the CPU with the full-size
+    models (docs/bench_preview.jsonl, ``tools/bench_preview.py``; the last line of each part)."""
     parts = {r["part"]: r for r in map(json.loads, PREVIEW.read_text().splitlines())}
-    u, v, p = parts["unet"], parts["vae"], parts["preview"]
+    from lipschitz_personalize.trainer.preview import DEFAULT_EVERY
+
+    u, v, s, p = parts["unet"], parts["vae"], parts["step"], parts["preview"]
+    previews = PAPER_STEPS // DEFAULT_EVERY + 1
     rows = [("U-Net forward, CFG batch of 2, delta applied, no gradient (one sampler step)", u),
             ("VAE decode, one image", v),
-            (f"one preview: {p['prompts']} prompts x ({p['sampler_steps']} sampler steps + 1 decode), summed from the parts", p)]
+            (f"one preview: {p['prompts']} prompts x ({p['sampler_steps']} sampler steps + 1 decode), summed from the parts", p),
+            (f"one training step, `{p['mode']}`, {s['size']} px, batch 1, gradient checkpointing", s)]
     return (f"| Part, at {p['size']} px (full size) | Time on the CPU | Peak RAM above the models |\n| --- | --- | --- |\n"
-            + "".join(f"| {what} | {r['seconds']:.{1 if r['seconds'] < 100 else 0}f} s | {r['peak_gb_above']:.2f} GB |\n"
+            + "".join(f"| {what} | {r['seconds']:.{1 if r['seconds'] < 100 else 0}f} s | "
+                      + (f"{r['peak_gb_above']:.2f} GB" if r is not s else "- (not a preview)") + " |\n"
                       for what, r in rows)
-            + f"\nMeasured by `{p['command']}` ({p['date']}, {p['device']}).\n")
+            + f"\nOne preview costs **{p['training_steps']:.1f} training steps** at {p['train_size']} px; at the "
+            f"paper's {PAPER_STEPS} steps the default `preview_every={DEFAULT_EVERY}` takes {previews} previews "
+            f"(the base's included): **{previews * p['training_steps'] / PAPER_STEPS:.1%} of the training time**. "
+            f"Measured by `{p['command']}` ({p['date']}, {p['device']}).\n")
 
 
 RENDERERS: dict[str, Callable[[], str]] = {

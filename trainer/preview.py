@@ -21,8 +21,8 @@ from .evaluation.scores import paired_cosine
 
 DEFAULT_EVERY = 100
 """Steps between previews.  At the paper's 1000 steps and the default preview (two prompts, 20
-sampler steps with CFG, 256 px) ten previews plus the base's cost about 56 training steps, about
-6% of the training time: docs/preview.md gives the measurement and the arithmetic."""
+sampler steps with CFG, 256 px) ten previews plus the base's stay under 10% of the training time:
+docs/preview.md gives the measured ratio."""
 DEFAULT_SAMPLER_STEPS = 20
 DEFAULT_SIZE = 256
 SAMPLER = ("euler", "normal", 7.0)
