@@ -28,8 +28,8 @@ class ParameterDelta:
     (the paper) or ``dtype`` (bf16 for the ``8gb`` memory mode), against ``anchor`` (by name;
     the module's own tensors by default).
 
-    Each delta is a leaf view of one flat buffer (:attr:`flat`, offsets in :attr:`offsets`), so
-    an optimizer can update runs of tensors as one range (:func:`buckets`)."""
+    Each delta is a leaf view of one flat buffer (:attr:`flat`; its place there: :func:`span`),
+    so an optimizer can update runs of tensors as one range (:func:`buckets`)."""
 
     def __init__(
         self,
@@ -49,9 +49,9 @@ class ParameterDelta:
         if device is None and len(devices) > 1:
             raise ValueError(f"the trained parameters are on several devices ({sorted(map(str, devices))}): "
                              "load the model on one device")
-        self.flat, self.offsets = _flat_storage(self.base, dtype, device or devices.pop())
+        self.flat, offsets = _flat_storage(self.base, dtype, device or devices.pop())
         self.delta: dict[str, Tensor] = {
-            name: self.flat[self.offsets[name]:self.offsets[name] + b.numel()].view(b.shape).requires_grad_(True)
+            name: self.flat[offsets[name]:offsets[name] + b.numel()].view(b.shape).requires_grad_(True)
             for name, b in self.base.items()
         }
         self._deferred: list[BaseException] | None = None
@@ -231,15 +231,20 @@ def _flat_storage(base: Mapping[str, Tensor], dtype: torch.dtype, device: torch.
     offsets, end = {}, 0
     for name in reversed(list(base)):
         offsets[name] = end
-        end += -(-base[name].numel() // ALIGN) * ALIGN
+        end += _aligned(base[name].numel())
     return torch.zeros(end, dtype=dtype, device=device), offsets
+
+
+def _aligned(n: int) -> int:
+    """``n`` values rounded up to a whole number of :data:`ALIGN`: a tensor's range in the flat buffer."""
+    return -(-n // ALIGN) * ALIGN
 
 
 def span(t: Tensor) -> tuple[int, int]:
     """Where ``t`` (a view of :attr:`ParameterDelta.flat`) starts and where its aligned range
     ends, as offsets into the flat buffer: the range an update may write, padding included."""
     start = t.storage_offset() - t._base.storage_offset()
-    return start, start + -(-t.numel() // ALIGN) * ALIGN
+    return start, start + _aligned(t.numel())
 
 
 def buckets(tensors: Sequence[Tensor], size: int) -> list[list[Tensor]]:

@@ -6,8 +6,9 @@ prompt is the instance prompt (is the subject there yet); the others are drift p
 without the rare token: has the model forgotten what the class looks like).  The drift number is
 the root-mean-square pixel distance of the probes from the base's images, in the IMAGE range
 [0, 1] (0: the base's image exactly), or, with an evaluation encoder, one minus the cosine of
-their features (the drift metric's paired cosine, turned into a distance: 0 is no drift).  The host does the sampling (it needs the host's sampler);
-this module is the part that is the method's: what is shown and measured.
+their features (the drift metric's paired cosine, turned into a distance: 0 is no drift).  The
+host does the sampling (it needs the host's sampler); this module is the part that is the
+method's: what is shown and measured.
 """
 from __future__ import annotations
 

@@ -57,8 +57,8 @@ class Previewer:
     def __init__(self, settings: PreviewSettings, clip: Any, vae: Any, progress: NodeProgress,
                  encoder: Any = None) -> None:
         self.settings, self.vae, self.progress, self.encoder = settings, vae, progress, encoder
-        self.drift_kind = "pixels" if encoder is None else f"1 - cosine, {encoder.name.split(' (')[0]}"
-        """What the drift measures, for the chart's label (the encoder's file name, not its architecture)."""
+        self.drift_kind = "pixels" if encoder is None else f"1 - cosine, {encoder.file}"
+        """What the drift measures, for the chart's label."""
         self.patcher: Any = None
         self.due: set[int] = set()
         self.base: list[Tensor] = []

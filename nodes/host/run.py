@@ -137,7 +137,8 @@ def personalize(spec: RunSpec, node_id: str) -> tuple[Any, TrainedDelta, Trainin
         loaded = load_for_training(base, COMPUTE_DTYPES[config.precision], weights_needed=anchor.file is None)
         base_id = fingerprint(loaded.unet)
         key = run_key({"prompt": spec.prompt, "config": asdict(config), "base": base_id,
-                       "delta_dtype": spec.delta_dtype, "anchor": anchor.name, "class_prompt": spec.class_prompt if class_images is not None else None},
+                       "delta_dtype": spec.delta_dtype, "anchor": anchor.name,
+                       "class_prompt": spec.class_prompt if class_images is not None else None},
                       [images] + ([class_images] if class_images is not None else []))
         meta = {"lambda": str(config.lam), "steps": str(config.steps), "learning_rate": str(config.lr),
                 "seed": str(config.seed), "regularizer": config.regularizer, "precision": config.precision,

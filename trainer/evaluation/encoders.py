@@ -53,13 +53,21 @@ class EncoderError(ValueError):
 class _Encoder:
     """Shared image path: resize the short side, centre crop, normalize, embed in batches."""
 
-    name: str
+    file: str
+    """The model's file or folder name (``clip-vit-base-patch32``)."""
+    arch: str
+    """What it is (``CLIP ViT-B/32``)."""
     model: torch.nn.Module
     device: torch.device
     crop: int
     resize: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def name(self) -> str:
+        """How tables and notes name it: ``clip-vit-base-patch32 (CLIP ViT-B/32)``."""
+        return f"{self.file} ({self.arch})"
 
     def pixels(self, images: Tensor) -> Tensor:
         """IMAGE ``[N, H, W, 3|4]`` in [0, 1] -> normalized ``[N, 3, crop, crop]`` (bicubic,
@@ -214,7 +222,7 @@ def _vit_arch(family: str, hidden: int, patch: int, image_size: int, usual: int 
 def _clip_encoder(model: CLIPModel, path: Path, arch: str, tokenizer: CLIPTokenizer,
                   device: torch.device) -> ClipEncoder:
     size = model.config.vision_config.image_size
-    return ClipEncoder(name=f"{_stem(path)} ({arch})", model=model.float().eval().to(device), device=device,
+    return ClipEncoder(file=_stem(path), arch=arch, model=model.float().eval().to(device), device=device,
                        crop=size, resize=size, mean=CLIP_MEAN, std=CLIP_STD, tokenizer=tokenizer)
 
 
@@ -226,7 +234,7 @@ def _dino_encoder(path: Path, model_type: str, device: torch.device) -> DinoEnco
         model = Dinov2Model.from_pretrained(path, local_files_only=True)
         crop, family = 224, "DINOv2"
     arch = _vit_arch(family, model.config.hidden_size, model.config.patch_size, crop)
-    return DinoEncoder(name=f"{_stem(path)} ({arch})",
+    return DinoEncoder(file=_stem(path), arch=arch,
                        model=model.float().eval().to(device), device=device, crop=crop,
                        resize=round(crop * 256 / 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
